@@ -1,0 +1,5 @@
+"""`python -m kmsagent`."""
+
+from kmsagent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The nursery wiring: one nursery owns the HTTP server, the loads and the background tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+from loguru import logger
+
+from kmsagent import errors
+from kmsagent.app import AgentApp, CachedSecret
+from kmsagent.cache import SecretCache
+from kmsagent.config import Config
+from kmsagent.credentials import CredentialSource
+from kmsagent.formats import response_format
+from kmsagent.kms import KmsClient
+from kmsagent.server import HttpServer
+from kmsagent.token import TokenSource
+
+
+async def run_agent(
+    config: Config,
+    *,
+    token: TokenSource,
+    credentials: CredentialSource,
+    shutdown: Callable[[], Awaitable[object]],
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves until `shutdown()` returns, then drains requests and cancels background work.
+
+    `task_status.started` receives the bound port once connections are accepted.
+    """
+    formatter = response_format(
+        config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds
+    )
+    logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
+    async with KmsClient.open(config.kms, credentials) as kms, trio.open_nursery() as nursery:
+        cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
+            max_entries=config.cache.cache_size,
+            ttl=config.cache.ttl_seconds,
+            loads=nursery,
+            is_transient=errors.is_transient,
+            serve_stale=config.server.ignore_transient_errors,
+            max_stale=config.cache.max_stale_seconds or None,
+        )
+        app = AgentApp(config=config.server, token=token, cache=cache, kms=kms, response_format=formatter)
+        server = HttpServer(
+            app,
+            port=config.server.http_port,
+            ipv6=config.server.bind_ipv6,
+            max_conn=config.server.max_conn,
+            refusal_body=formatter.error(
+                errors.AgentError(429, "ConnectionLimitExceeded", "too many connections open")
+            ),
+        )
+
+        async def serve_then_stop(task_status: trio.TaskStatus[int]) -> None:
+            await server.run(shutdown, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(token.watch)
+        task_status.started(await nursery.start(serve_then_stop))

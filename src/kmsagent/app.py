@@ -1,0 +1,118 @@
+"""The HTTP application: request → checks → cache → (KMS client) → response format.
+
+A QuartTrio app whose one handler sees every request: SPEC §3 fixes the check order (connection
+cap, Forwarded, Host and token come before method and path), and Quart's URL map would answer 404
+or 405 before the token check, so routing is done by `checks.check_request` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from loguru import logger
+from quart import Response
+from quart.ctx import RequestContext
+from quart.globals import request_ctx
+from quart_trio import QuartTrio
+
+from kmsagent.cache import SecretCache
+from kmsagent.checks import Route, SecretQuery, check_request
+from kmsagent.config import ServerConfig
+from kmsagent.errors import AgentError
+from kmsagent.formats import ResponseFormat
+from kmsagent.kms import KmsClient, SecretValue
+from kmsagent.token import TokenSource
+
+#: Set in the ASGI scope's extensions by the server for connections accepted beyond MaxConn.
+OVER_LIMIT = "kmsagent.over_limit"
+JSON = "application/json"
+
+
+@dataclass(frozen=True)
+class CachedSecret:
+    """What the cache holds: KMS's answer and its response body, rendered once."""
+
+    secret: SecretValue
+    body: bytes
+
+
+class AgentApp(QuartTrio):
+    """Serves `/ping`, `/metrics` and secrets; every failure becomes SPEC §4's error body."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        token: TokenSource,
+        cache: SecretCache[tuple[str, str, str], CachedSecret],
+        kms: KmsClient,
+        response_format: ResponseFormat,
+    ) -> None:
+        super().__init__("kmsagent")
+        self.agent_config = config
+        self.token = token
+        self.cache = cache
+        self.kms = kms
+        self.response_format = response_format
+
+    async def dispatch_request(self, request_context: RequestContext | None = None) -> Response:
+        request = (request_context or request_ctx).request
+        scope = request.scope
+        started = trio.current_time()
+        outcome = "-"
+        try:
+            target = check_request(
+                method=request.method,
+                path=scope.get("raw_path") or scope["path"].encode(),
+                query_string=scope.get("query_string", b""),
+                headers=scope["headers"],
+                over_limit=bool(scope.get("extensions", {}).get(OVER_LIMIT)),
+                config=self.agent_config,
+                token_matches=self.token.matches,
+            )
+            if target is Route.PING:
+                response = Response("healthy", 200, content_type="text/plain")
+            elif target is Route.METRICS:
+                response = Response("", 200, content_type="text/plain; version=0.0.4")
+            else:
+                assert isinstance(target, SecretQuery)
+                cached, cache_outcome = await self.cache.get(
+                    target.cache_key, lambda: self._load(target), refresh=target.refresh
+                )
+                outcome = cache_outcome.value
+                response = Response(
+                    cached.body,
+                    200,
+                    headers={"X-KMS-Agent-Cache": outcome, "Cache-Control": "no-store"},
+                    content_type=JSON,
+                )
+        except AgentError as error:
+            response = self._error_response(error)
+        except Exception:
+            logger.exception("unexpected failure serving {}", scope.get("path", "?")[:200])
+            response = self._error_response(AgentError(500, "InternalFailure", "internal error"))
+        logger.debug(
+            "{} {} {} cache={} {:.1f}ms",
+            request.method[:16],
+            scope.get("path", "?")[:200],
+            response.status_code,
+            outcome,
+            (trio.current_time() - started) * 1000,
+        )
+        return response
+
+    async def _load(self, query: SecretQuery) -> CachedSecret:
+        secret = await self.kms.get_secret_value(
+            query.secret_id, version_id=query.version_id, version_stage=query.version_stage
+        )
+        return CachedSecret(secret, self.response_format.secret(secret))
+
+    def _error_response(self, error: AgentError) -> Response:
+        headers: dict[str, Any] = {}
+        if error.code == "ConnectionLimitExceeded":
+            headers["Connection"] = "close"  # the slot it would hold is one the agent does not have
+        return Response(self.response_format.error(error), error.status, headers=headers, content_type=JSON)
+
+

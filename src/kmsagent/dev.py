@@ -1,0 +1,89 @@
+"""`--dev`: the agent against an embedded KMS emulator, with demo secrets, keys and token.
+
+Everything secret here is generated per run and exists only in this process, so printing the
+token in the curl line is safe: it opens nothing but this process's demo secrets.
+"""
+
+from __future__ import annotations
+
+import secrets
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from kmsagent.agent import run_agent
+from kmsagent.config import Config, ConfigError
+from kmsagent.credentials import Credentials, StaticCredentials
+from kmsagent.emulator import KmsEmulator
+from kmsagent.token import TokenSource
+
+DEMO_SECRETS_FILE = "dev-secrets.toml"
+
+
+@dataclass(frozen=True)
+class DevSession:
+    """What the CLI prints once the dev agent listens."""
+
+    port: int
+    token: str
+    secret_names: list[str]
+
+
+def find_demo_secrets(config_path: str | None) -> Path:
+    """`conf/dev-secrets.toml` beside the config file, in the working folder, or in the checkout."""
+    candidates = [Path("conf") / DEMO_SECRETS_FILE, Path(__file__).parents[2] / "conf" / DEMO_SECRETS_FILE]
+    if config_path:
+        candidates.insert(0, Path(config_path).parent / DEMO_SECRETS_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"--dev: no {DEMO_SECRETS_FILE} found (looked in {', '.join(map(str, candidates))})")
+
+
+def load_demo_secrets(path: Path) -> dict[str, str]:
+    """Secret name → text, from `[[secret]]` tables with `name` and `data`."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        demo = {str(item["name"]): str(item["data"]) for item in document["secret"]}
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: not a demo secrets file ({type(error).__name__})") from None
+    if not demo:
+        raise ConfigError(f"{path}: no [[secret]] entries")
+    return demo
+
+
+async def run_dev(
+    config: Config,
+    demo_secrets: dict[str, str],
+    *,
+    shutdown: Callable[[], Awaitable[object]],
+    task_status: trio.TaskStatus[DevSession] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Runs the emulator and the agent in one nursery until `shutdown()` returns."""
+    emulator = KmsEmulator(region=config.kms.region)
+    credentials = Credentials(f"LTAIdev{secrets.token_hex(8)}", secrets.token_urlsafe(24))
+    emulator.add_credentials(credentials.access_key_id, credentials.access_key_secret)
+    for name, data in demo_secrets.items():
+        emulator.put_secret(name, data)
+    token = secrets.token_urlsafe(24)
+    async with trio.open_nursery() as nursery:
+        kms_port = await nursery.start(emulator.serve)
+        dev_config = replace(config, kms=replace(config.kms, endpoint=f"127.0.0.1:{kms_port}", protocol="http"))
+        agent = partial(
+            run_agent,
+            dev_config,
+            token=TokenSource(token.encode()),
+            credentials=StaticCredentials(credentials, "static demo keys (--dev)"),
+            shutdown=shutdown,
+        )
+
+        async def agent_then_stop(task_status: trio.TaskStatus[int]) -> None:
+            await agent(task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        port = await nursery.start(agent_then_stop)
+        task_status.started(DevSession(port, token, list(demo_secrets)))

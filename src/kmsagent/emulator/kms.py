@@ -1,0 +1,600 @@
+"""An in-process fake of KMS Secrets Manager's GetSecretValue that checks requests like KMS does.
+
+Why a real HTTP server that verifies ACS3-HMAC-SHA256 signatures: the agent's KMS client is only
+trustworthy if the official SDK and our own client are both accepted by the same strict checks
+(signed headers, payload hash, clock skew, nonce replay, STS tokens). A fake that accepts anything
+would hide exactly the bugs that break against the real service.
+
+Each request goes through these steps, in this order; the first failure answers:
+
+1. Record a `CallRecord` (so injected faults never hide a call from the counters).
+2. Injected fault, if any: sleep `delay`; then `drop` (close without answering), or answer
+   `status`/`code`/`message`, or a 200 with truncated JSON (`malformed`). A delay-only fault
+   falls through to the normal checks.
+3. `x-acs-action` is GetSecretValue (else 404 `InvalidAction.NotFound`) and `x-acs-version` is
+   2016-01-20 (else 400 `InvalidVersion`).
+4. `Authorization` parses as `ACS3-HMAC-SHA256 Credential=..,SignedHeaders=..,Signature=..`, every
+   signed header is present, and `host` plus every `x-acs-*` header is signed
+   (else 400 `IncompleteSignature`).
+5. `x-acs-content-sha256` is the hex SHA-256 of the body (else 400 `SignatureDoesNotMatch`).
+6. `x-acs-date` parses (else 400 `InvalidTimeStamp.Format`) and is within 15 min of `clock()`
+   (else 400 `InvalidTimeStamp.Expired`).
+7. The AccessKey is registered and not revoked (else 404 `InvalidAccessKeyId.NotFound`); an
+   `x-acs-accesskey-id` header must name the same key (else 400 `IncompleteSignature`).
+8. The signature matches (else 400 `SignatureDoesNotMatch`).
+9. Security token: a key registered with one needs exactly it (else 400
+   `InvalidSecurityToken.MismatchWithAccessKey`); a key registered without one must not send one
+   (else 400 `InvalidSecurityToken.Malformed`); past `expires_at` → 400
+   `InvalidSecurityToken.Expired`.
+10. `x-acs-signature-nonce` is present (else 400 `MissingSignatureNonce`) and unseen in the last
+    15 min (else 400 `SignatureNonceUsed`); it is remembered only once the signature is valid.
+11. GetSecretValue: `SecretName` given (else 400 `MissingSecretName`), secret and version exist
+    (else 404 `Forbidden.ResourceNotFound`).
+
+Nothing is logged: request headers carry credentials and answers carry secret values.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from http.client import responses as _REASONS
+from typing import Any
+
+import trio
+from alibabacloud_tea_openapi.utils import Utils
+
+from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
+
+__all__ = ["ACS_CURRENT", "ACS_PREVIOUS", "CallRecord", "Fault", "KmsEmulator"]
+
+ACS_CURRENT = "ACSCurrent"
+ACS_PREVIOUS = "ACSPrevious"
+API_VERSION = "2016-01-20"
+SIGNATURE_ALGORITHM = "ACS3-HMAC-SHA256"
+_SUPPORTED_ACTION = "GetSecretValue"
+_WINDOW_SECONDS = 15 * 60  # both the clock-skew allowance and the nonce memory of the real gateway
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_JSON_TYPE = "application/json;charset=utf-8"
+_AUTHORIZATION = re.compile(
+    rf"^{SIGNATURE_ALGORITHM} Credential=(?P<ak>[^,\s]+),"
+    r"\s*SignedHeaders=(?P<signed>[^,\s]+),"
+    r"\s*Signature=(?P<signature>[0-9a-f]{64})$"
+)
+# Code -> (HTTP status, message), worded like the real gateway where its wording is known.
+_ERRORS: dict[str, tuple[int, str]] = {
+    "InvalidAction.NotFound": (
+        404,
+        "Specified api is not found, please check your url and method.",
+    ),
+    "InvalidVersion": (400, "Specified parameter Version is not valid."),
+    "IncompleteSignature": (400, "The request signature does not conform to Aliyun standards."),
+    "SignatureDoesNotMatch": (400, "Specified signature is not matched with our calculation."),
+    "InvalidTimeStamp.Format": (400, "Specified time stamp or date value is not well formatted."),
+    "InvalidTimeStamp.Expired": (400, "Specified time stamp or date value is expired."),
+    "InvalidAccessKeyId.NotFound": (
+        404,
+        "The AccessKey ID provided does not exist in our records.",
+    ),
+    "InvalidSecurityToken.MismatchWithAccessKey": (
+        400,
+        "The security token does not match the AccessKey.",
+    ),
+    "InvalidSecurityToken.Malformed": (400, "The security token is malformed."),
+    "InvalidSecurityToken.Expired": (400, "The security token has expired."),
+    "MissingSignatureNonce": (400, "SignatureNonce is mandatory for this action."),
+    "SignatureNonceUsed": (400, "Specified signature nonce was used already."),
+    "MissingSecretName": (400, "SecretName is mandatory for this action."),
+    "Forbidden.ResourceNotFound": (404, "The resource not exists."),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A misbehaviour to apply to upcoming requests; see the module docstring for the order."""
+
+    status: int = 0
+    code: str = ""
+    message: str = ""
+    retry_after_ms: int | None = None
+    delay: float = 0.0
+    drop: bool = False
+    malformed: bool = False
+
+    @classmethod
+    def server_error(cls) -> Fault:
+        """KMS's generic 500."""
+        return cls(status=500, code="InternalFailure", message="Internal Failure")
+
+    @classmethod
+    def throttling(cls, retry_after_ms: int | None = None) -> Fault:
+        """KMS's 429; with `retry_after_ms` the SDK raises ThrottlingException instead."""
+        return cls(
+            status=429,
+            code="Rejected.Throttling",
+            message="QPS Limit Exceeded",
+            retry_after_ms=retry_after_ms,
+        )
+
+    @classmethod
+    def unavailable(cls) -> Fault:
+        """KMS's 503 during a transient outage."""
+        return cls(
+            status=503, code="ServiceUnavailableTemporary", message="Service Unavailable Temporary"
+        )
+
+
+@dataclass
+class CallRecord:
+    """One request as the emulator saw it; `status` stays None until answered (None if dropped)."""
+
+    action: str
+    secret_name: str | None
+    version_id: str | None
+    version_stage: str | None
+    access_key_id: str | None
+    status: int | None = None
+
+
+class _KmsError(Exception):
+    """An answer in KMS's error shape; raised by the checks, turned into a response once."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Credential:
+    secret: str
+    security_token: str | None
+    expires_at: float | None
+
+
+@dataclass(frozen=True)
+class _Version:
+    version_id: str
+    data: str
+    data_type: str
+    create_time: float
+
+
+@dataclass
+class _Secret:
+    name: str
+    secret_type: str
+    versions: dict[str, _Version] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)  # stage -> version id
+    rotation: dict[str, str] = field(default_factory=dict)  # KMS field name -> value
+
+    def stages_of(self, version_id: str) -> list[str]:
+        """The stages a version carries, in a stable order."""
+        return sorted(stage for stage, owner in self.stages.items() if owner == version_id)
+
+
+@dataclass
+class _ActiveFault:
+    fault: Fault
+    remaining: int | None
+
+
+@dataclass(frozen=True)
+class _Authorization:
+    access_key_id: str
+    signed_headers: list[str]
+    signature: str
+
+
+@dataclass(frozen=True)
+class _SigningInput:
+    """The shape `Utils.get_authorization` reads, so the SDK's own signer checks signatures."""
+
+    method: str
+    pathname: str
+    query: dict[str, str]
+    headers: dict[str, str]
+
+
+class KmsEmulator:
+    """A fake KMS endpoint: register credentials and secrets, inject faults, count calls, serve."""
+
+    def __init__(
+        self,
+        *,
+        region: str = "cn-hangzhou",
+        account_id: str = "1234567890123456",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.region = region
+        self.account_id = account_id
+        self.calls: list[CallRecord] = []
+        self.port: int | None = None
+        self.endpoint: str | None = None
+        self._clock = clock
+        self._credentials: dict[str, _Credential] = {}
+        self._secrets: dict[str, _Secret] = {}
+        self._faults: list[_ActiveFault] = []
+        self._nonces: dict[str, float] = {}  # insertion order == time order, so pruning is cheap
+
+    # --- credentials -----------------------------------------------------------------------
+
+    def add_credentials(
+        self,
+        access_key_id: str,
+        access_key_secret: str,
+        security_token: str | None = None,
+        expires_at: float | None = None,
+    ) -> None:
+        """Accept this key from now on; `expires_at` is a `clock()` value."""
+        credential = _Credential(access_key_secret, security_token, expires_at)
+        self._credentials[access_key_id] = credential
+
+    def revoke_credentials(self, access_key_id: str) -> None:
+        """Reject this key from now on, as if it were deleted in RAM."""
+        del self._credentials[access_key_id]
+
+    # --- secrets ---------------------------------------------------------------------------
+
+    def put_secret(
+        self,
+        name: str,
+        data: str | bytes,
+        *,
+        secret_type: str = "Generic",
+        version_id: str | None = None,
+        next_rotation_date: str | None = None,
+        rotation_interval: str | None = None,
+        automatic_rotation: str | None = None,
+        last_rotation_date: str | None = None,
+    ) -> str:
+        """Create the secret, or rotate it when it exists; returns the new version's id.
+
+        `secret_type` and any rotation field given replace the stored ones. bytes are served as
+        SecretDataType "binary" (base64).
+        """
+        secret = self._secrets.setdefault(name, _Secret(name=name, secret_type=secret_type))
+        secret.secret_type = secret_type
+        rotation = {
+            "NextRotationDate": next_rotation_date,
+            "RotationInterval": rotation_interval,
+            "AutomaticRotation": automatic_rotation,
+            "LastRotationDate": last_rotation_date,
+        }
+        secret.rotation.update({key: val for key, val in rotation.items() if val is not None})
+        return self._add_version(secret, data, version_id)
+
+    def rotate(self, name: str, data: str | bytes, *, version_id: str | None = None) -> str:
+        """Add a version to an existing secret (KeyError otherwise), keeping its metadata."""
+        return self._add_version(self._secrets[name], data, version_id)
+
+    def delete_secret(self, name: str) -> None:
+        """Forget the secret; later reads answer 404 Forbidden.ResourceNotFound."""
+        del self._secrets[name]
+
+    def _add_version(self, secret: _Secret, data: str | bytes, version_id: str | None) -> str:
+        """Store a version and move the stages: new → ACSCurrent, old current → ACSPrevious."""
+        version_id = version_id or uuid.uuid4().hex
+        if version_id in secret.versions:
+            raise ValueError(f"secret {secret.name!r} already has version {version_id!r}")
+        if isinstance(data, bytes):
+            text, data_type = base64.b64encode(data).decode("ascii"), "binary"
+        else:
+            text, data_type = data, "text"
+        secret.versions[version_id] = _Version(version_id, text, data_type, self._clock())
+        if ACS_CURRENT in secret.stages:
+            secret.stages[ACS_PREVIOUS] = secret.stages[ACS_CURRENT]
+        secret.stages[ACS_CURRENT] = version_id
+        return version_id
+
+    # --- faults and counters ---------------------------------------------------------------
+
+    def inject(self, fault: Fault, times: int | None = None) -> None:
+        """Apply `fault` to the next `times` requests (None: until `clear_faults`).
+
+        Faults queue up: each request takes the oldest one still active.
+        """
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1, or None")
+        self._faults.append(_ActiveFault(fault, times))
+
+    def clear_faults(self) -> None:
+        """Behave normally again."""
+        self._faults.clear()
+
+    def call_count(self, secret_name: str | None = None) -> int:
+        """Requests received (answered or not); for one secret, by name or by its ARN."""
+        if secret_name is None:
+            return len(self.calls)
+        return sum(1 for call in self.calls if self._names_secret(call, secret_name))
+
+    def reset_calls(self) -> None:
+        """Forget recorded calls, e.g. after a warm-up phase."""
+        self.calls.clear()
+
+    def _names_secret(self, call: CallRecord, secret_name: str) -> bool:
+        sent = call.secret_name
+        return sent is not None and secret_name in (sent, self._resolve_name(sent))
+
+    def _take_fault(self) -> Fault | None:
+        """The fault for this request, consuming one of its remaining uses."""
+        if not self._faults:
+            return None
+        active = self._faults[0]
+        if active.remaining is not None:
+            active.remaining -= 1
+            if active.remaining == 0:
+                self._faults.pop(0)
+        return active.fault
+
+    # --- serving ---------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports the bound port and sets `port` and `endpoint`."""
+        async with trio.open_nursery() as nursery:
+            bound: int = await nursery.start(
+                partial(serve_http, self._handle, host=host, port=port, ssl_context=ssl_context)
+            )
+            self.port = bound
+            self.endpoint = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+            task_status.started(bound)
+
+    async def _handle(self, request: HttpRequest) -> HttpResponse | None:
+        """Record, apply any fault, then check and answer (module docstring has the order)."""
+        record = self._record(request)
+        fault = self._take_fault()
+        response: HttpResponse | None = None
+        if fault is not None:
+            await trio.sleep(fault.delay)
+            if fault.drop:
+                return None
+            response = self._fault_response(fault)
+        if response is None:
+            response = self._answer(request)
+        record.status = response.status
+        return response
+
+    def _record(self, request: HttpRequest) -> CallRecord:
+        auth = _parse_authorization(request.headers.get("authorization"))
+        query = request.query
+        record = CallRecord(
+            action=request.headers.get("x-acs-action", ""),
+            secret_name=query.get("SecretName"),
+            version_id=query.get("VersionId"),
+            version_stage=query.get("VersionStage"),
+            access_key_id=auth.access_key_id if auth else request.headers.get("x-acs-accesskey-id"),
+        )
+        self.calls.append(record)
+        return record
+
+    def _fault_response(self, fault: Fault) -> HttpResponse | None:
+        """The answer a fault forces, or None when it only delays."""
+        if fault.status:
+            phrase = _REASONS.get(fault.status, "Error")
+            code = fault.code or phrase.replace(" ", "")
+            error = _KmsError(fault.status, code, fault.message or phrase)
+            return self._error_response(error, retry_after_ms=fault.retry_after_ms)
+        if fault.malformed:
+            request_id = _request_id()
+            body = json.dumps({"RequestId": request_id, "SecretName": "truncated"}).encode()
+            return _json_response(200, body[: len(body) // 2], request_id)
+        return None
+
+    def _answer(self, request: HttpRequest) -> HttpResponse:
+        try:
+            self._authenticate(request)
+            body = self._get_secret_value(request.query)
+        except _KmsError as error:
+            return self._error_response(error)
+        request_id = _request_id()
+        payload = json.dumps({"RequestId": request_id, **body}).encode()
+        return _json_response(200, payload, request_id)
+
+    def _error_response(self, error: _KmsError, retry_after_ms: int | None = None) -> HttpResponse:
+        request_id = _request_id()
+        body = {
+            "RequestId": request_id,
+            "HostId": f"kms.{self.region}.aliyuncs.com",
+            "Code": error.code,
+            "Message": error.message,
+            "HttpStatus": error.status,
+        }
+        response = _json_response(error.status, json.dumps(body).encode(), request_id)
+        if retry_after_ms is not None:
+            response.headers.append(("x-acs-retry-after", str(retry_after_ms)))
+        return response
+
+    # --- verification ----------------------------------------------------------------------
+
+    def _authenticate(self, request: HttpRequest) -> None:
+        """Steps 3-10 of the module docstring; raises _KmsError on the first failure."""
+        headers = request.headers
+        _check_action(headers)
+        auth = _parse_authorization(headers.get("authorization"))
+        if auth is None:
+            raise _kms_error("IncompleteSignature")
+        _check_signed_headers(headers, auth.signed_headers)
+        payload_hash = _check_content_sha256(headers, request.body)
+        self._check_date(headers)
+        credential = self._credential_for(auth, headers)
+        _check_signature(request, auth, payload_hash, credential.secret)
+        self._check_security_token(headers, credential)
+        self._check_nonce(headers)
+
+    def _check_date(self, headers: dict[str, str]) -> None:
+        try:
+            sent = datetime.strptime(headers.get("x-acs-date", ""), _TIME_FORMAT)
+        except ValueError:
+            raise _kms_error("InvalidTimeStamp.Format") from None
+        if abs(sent.replace(tzinfo=timezone.utc).timestamp() - self._clock()) > _WINDOW_SECONDS:
+            raise _kms_error("InvalidTimeStamp.Expired")
+
+    def _credential_for(self, auth: _Authorization, headers: dict[str, str]) -> _Credential:
+        credential = self._credentials.get(auth.access_key_id)
+        if credential is None:
+            raise _kms_error("InvalidAccessKeyId.NotFound")
+        if headers.get("x-acs-accesskey-id", auth.access_key_id) != auth.access_key_id:
+            raise _kms_error("IncompleteSignature", "x-acs-accesskey-id does not match Credential.")
+        return credential
+
+    def _check_security_token(self, headers: dict[str, str], credential: _Credential) -> None:
+        sent = headers.get("x-acs-security-token")
+        if credential.security_token is None:
+            if sent is not None:
+                raise _kms_error("InvalidSecurityToken.Malformed")
+        elif sent is None or not _same(sent, credential.security_token):
+            raise _kms_error("InvalidSecurityToken.MismatchWithAccessKey")
+        if credential.expires_at is not None and self._clock() >= credential.expires_at:
+            raise _kms_error("InvalidSecurityToken.Expired")
+
+    def _check_nonce(self, headers: dict[str, str]) -> None:
+        nonce = headers.get("x-acs-signature-nonce")
+        if not nonce:
+            raise _kms_error("MissingSignatureNonce")
+        now = self._clock()
+        while self._nonces:
+            oldest, seen_at = next(iter(self._nonces.items()))
+            if seen_at > now - _WINDOW_SECONDS:
+                break
+            del self._nonces[oldest]
+        if nonce in self._nonces:
+            raise _kms_error("SignatureNonceUsed")
+        self._nonces[nonce] = now
+
+    # --- GetSecretValue --------------------------------------------------------------------
+
+    def _get_secret_value(self, query: dict[str, str]) -> dict[str, Any]:
+        """The success body without RequestId, following KMS's version selection rules."""
+        name = query.get("SecretName")
+        if not name:
+            raise _kms_error("MissingSecretName")
+        resolved = self._resolve_name(name)
+        secret = self._secrets.get(resolved) if resolved is not None else None
+        if secret is None:
+            raise _kms_error("Forbidden.ResourceNotFound")
+        version_id = query.get("VersionId") or None
+        version = _select_version(secret, version_id, query.get("VersionStage") or None)
+        return {
+            "SecretName": secret.name,
+            "SecretType": secret.secret_type,
+            "SecretData": version.data,
+            "SecretDataType": version.data_type,
+            "VersionId": version.version_id,
+            "VersionStages": {"VersionStage": secret.stages_of(version.version_id)},
+            "CreateTime": _format_time(version.create_time),
+            **secret.rotation,
+        }
+
+    def _resolve_name(self, name: str) -> str | None:
+        """A plain name, or the name inside an ARN of this region and account (else None)."""
+        if not name.startswith("acs:"):
+            return name
+        parts = name.split(":", 4)
+        if len(parts) != 5 or parts[:4] != ["acs", "kms", self.region, self.account_id]:
+            return None
+        kind, _, secret_name = parts[4].partition("/")
+        return secret_name if kind == "secret" and secret_name else None
+
+
+def _check_action(headers: dict[str, str]) -> None:
+    if headers.get("x-acs-action") != _SUPPORTED_ACTION:
+        raise _kms_error("InvalidAction.NotFound")
+    if headers.get("x-acs-version") != API_VERSION:
+        raise _kms_error("InvalidVersion")
+
+
+def _parse_authorization(value: str | None) -> _Authorization | None:
+    match = _AUTHORIZATION.match(value or "")
+    if match is None:
+        return None
+    return _Authorization(match["ak"], match["signed"].split(";"), match["signature"])
+
+
+def _check_signed_headers(headers: dict[str, str], signed: list[str]) -> None:
+    """Everything the gateway relies on must be covered by the signature, and exist."""
+    absent = [name for name in signed if name not in headers or name == "authorization"]
+    must_sign = [name for name in headers if name == "host" or name.startswith("x-acs-")]
+    unsigned = [name for name in must_sign if name not in signed]
+    if "host" not in headers or absent or unsigned:
+        message = f"Host and x-acs-* must be signed; unsigned: {unsigned}, absent: {absent}."
+        raise _kms_error("IncompleteSignature", message)
+
+
+def _check_content_sha256(headers: dict[str, str], body: bytes) -> str:
+    """The payload hash that was signed, once it is known to match the body."""
+    expected = hashlib.sha256(body).hexdigest()
+    if not _same(headers.get("x-acs-content-sha256", ""), expected):
+        raise _kms_error("SignatureDoesNotMatch", "x-acs-content-sha256 does not match the body.")
+    return expected
+
+
+def _check_signature(
+    request: HttpRequest, auth: _Authorization, payload_hash: str, secret: str
+) -> None:
+    """Recompute with the SDK's own signer over exactly the headers the client said it signed."""
+    signing_input = _SigningInput(
+        method=request.method,
+        pathname=request.path,
+        query=request.query,
+        headers={name: request.headers[name] for name in auth.signed_headers},
+    )
+    expected = Utils.get_authorization(
+        signing_input, SIGNATURE_ALGORITHM, payload_hash, auth.access_key_id, secret
+    ).rpartition("Signature=")[2]
+    if not _same(expected, auth.signature):
+        raise _kms_error("SignatureDoesNotMatch")
+
+
+def _select_version(
+    secret: _Secret, version_id: str | None, version_stage: str | None
+) -> _Version:
+    """VersionId wins (and must carry VersionStage when both are given); default ACSCurrent."""
+    if version_id is None:
+        version_id = secret.stages.get(version_stage or ACS_CURRENT)
+    version = secret.versions.get(version_id) if version_id is not None else None
+    if version is None:
+        raise _kms_error("Forbidden.ResourceNotFound")
+    if version_stage is not None and version_stage not in secret.stages_of(version.version_id):
+        raise _kms_error("Forbidden.ResourceNotFound")
+    return version
+
+
+def _kms_error(code: str, message: str | None = None) -> _KmsError:
+    status, default_message = _ERRORS[code]
+    return _KmsError(status, code, message or default_message)
+
+
+def _same(received: str, expected: str) -> bool:
+    """Constant-time equality, so probing a signature or token leaks nothing through timing."""
+    return hmac.compare_digest(received.encode(), expected.encode())
+
+
+def _json_response(status: int, body: bytes, request_id: str) -> HttpResponse:
+    headers = [("content-type", _JSON_TYPE), ("x-acs-request-id", request_id)]
+    return HttpResponse(status, headers, body)
+
+
+def _request_id() -> str:
+    return str(uuid.uuid4()).upper()
+
+
+def _format_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime(_TIME_FORMAT)

@@ -1,0 +1,65 @@
+"""Logging per SPEC §2 `[Log]`: loguru to stderr and to `<Path>/kmsagent.log`, rotated.
+
+Sinks are enqueued: loguru writes from its own thread, so a slow disk or a full stderr pipe never
+blocks the trio thread. `diagnose=False` keeps variable values (which may hold secrets) out of
+tracebacks. The standard-library loggers of hypercorn and the SDKs are routed into loguru.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from kmsagent.config import LogConfig
+
+LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "error": "ERROR"}
+TEXT_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} {message}"
+LOG_FILE = "kmsagent.log"
+
+
+class LogSetupError(Exception):
+    """The log folder cannot be written (exit 1)."""
+
+
+class _ToLoguru(logging.Handler):
+    """Forwards standard-library records into loguru at the same level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
+
+
+def configure_logging(config: LogConfig) -> None:
+    """Replaces loguru's default sink with the configured stderr and file sinks."""
+    level = LEVELS[config.level]
+    serialize = config.format == "json"
+    folder = Path(config.path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LogSetupError(f"cannot create log folder {folder}: {error.strerror}") from None
+    logger.remove()
+    common = dict(level=level, serialize=serialize, backtrace=False, diagnose=False, enqueue=True)
+    logger.add(sys.stderr, format=TEXT_FORMAT, **common)  # type: ignore[arg-type]
+    try:
+        logger.add(
+            folder / LOG_FILE,
+            format=TEXT_FORMAT,
+            rotation=config.max_file_size_mb * 1024 * 1024,
+            retention=config.backups,
+            **common,  # type: ignore[arg-type]
+        )
+    except OSError as error:
+        raise LogSetupError(f"cannot write {folder / LOG_FILE}: {error.strerror}") from None
+    logging.basicConfig(handlers=[_ToLoguru()], level=0, force=True)
+
+
+def close_logging() -> None:
+    """Flushes the enqueued sinks; call before the process exits."""
+    logger.remove()

@@ -1,0 +1,230 @@
+"""Hypercorn's trio HTTP/1.1 protocol behind our own accept loop, bound to loopback only.
+
+Why not `hypercorn.trio.serve`: it has no connection cap (its `backlog` is the kernel's queue),
+and a client that closes an idle keep-alive connection leaves the connection's task alive until
+`keep_alive_timeout` (NOTES.md; pgjones/hypercorn#210, #235), which would hold a slot of the cap.
+So this module owns accepting and counting (SPEC §3's MaxConn, 429, and the `/ping` reserve),
+and reuses hypercorn's per-connection `TCPServer` with the idle timer stopped when reading ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState
+from hypercorn.utils import wrap_app
+from loguru import logger
+
+from kmsagent.app import OVER_LIMIT
+
+#: Connections beyond MaxConn that are still read, so `/ping` can answer (SPEC §3).
+PING_RESERVE = 2
+KEEP_ALIVE_TIMEOUT = 5.0
+GRACEFUL_TIMEOUT = 3.0
+#: How long a refused connection may take to receive its 429 and close.
+REFUSAL_LINGER = 1.0
+#: Refusals in progress at once; beyond it a connection is closed without a word.
+MAX_REFUSING = 64
+class ServeError(Exception):
+    """The server cannot start (e.g. the port is in use): one line, exit 1."""
+
+
+class _OverLimitApp:
+    """Marks every request of a connection accepted beyond MaxConn, for the app's 429 check."""
+
+    def __init__(self, app: AppWrapper) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
+        scope.setdefault("extensions", {})[OVER_LIMIT] = True
+        await self._app(scope, receive, send, sync_spawn, call_soon)
+
+
+class _Connection(TCPServer):
+    """Hypercorn's connection handler, made to stop reading once the client is gone.
+
+    Two ways a closed connection outlived its client in hypercorn 0.18 and held a slot of the
+    cap: requests pipelined behind one in progress park the read loop on h11's PAUSED state,
+    and when the client then hangs up, the failed send never wakes it, so the task waited forever
+    (tests/test_connections.py shows it); and the idle timer kept the task group open for up to
+    `keep_alive_timeout` after the read loop ended (NOTES.md). A failed send or a close now
+    cancels the read loop, and the idle timer stops when reading ends.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._reading = trio.CancelScope()
+
+    async def _read_data(self) -> None:
+        with self._reading:
+            await super()._read_data()
+        if self._reading.cancelled_caught:
+            await self.protocol.handle(Closed())
+        await self.idle_task.stop()
+
+    async def protocol_send(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            if isinstance(event, Closed):
+                self._reading.cancel()
+            await super().protocol_send(event)
+            return
+        async with self.send_lock:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.stream.send_all(event.data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._reading.cancel()
+                await self.protocol.handle(Closed())
+
+
+async def bind_loopback(port: int, ipv6: bool) -> list[trio.socket.SocketType]:
+    """Listening sockets on 127.0.0.1 (and [::1]) only; port 0 picks one free port for both."""
+    addresses = [(socket.AF_INET, "127.0.0.1")] + ([(socket.AF_INET6, "::1")] if ipv6 else [])
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        for family, host in addresses:
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind((host, port))
+            port = sock.getsockname()[1]
+            sock.listen(1024)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        where = f"{host}:{port}" if family == socket.AF_INET else f"[{host}]:{port}"
+        reason = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror
+        raise ServeError(f"cannot listen on {where}: {reason}") from None
+    return sockets
+
+
+class ConnectionSlots:
+    """Counts open connections against MaxConn plus the ping reserve."""
+
+    def __init__(self, max_conn: int) -> None:
+        self.max_conn = max_conn
+        self.open = 0
+
+    def admit(self) -> bool | None:
+        """Takes a slot: False within MaxConn, True in the ping reserve, None when full."""
+        if self.open >= self.max_conn + PING_RESERVE:
+            return None
+        self.open += 1
+        return self.open > self.max_conn
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class HttpServer:
+    """Serves `app` on loopback; `run` is started in the agent's nursery and returns the port."""
+
+    def __init__(self, app: Any, *, port: int, ipv6: bool, max_conn: int, refusal_body: bytes) -> None:
+        self._config = HypercornConfig()
+        self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+        self._config.graceful_timeout = GRACEFUL_TIMEOUT
+        self._config.accesslog = None
+        self._config.errorlog = logging.getLogger("hypercorn.error")  # routed into loguru by logs.py
+        self._app = wrap_app(app, self._config.wsgi_max_body_size, None)
+        self._over_limit_app = _OverLimitApp(self._app)
+        self._port = port
+        self._ipv6 = ipv6
+        self.slots = ConnectionSlots(max_conn)
+        self._context = WorkerContext(None)
+        self._lifespan_state: dict[str, Any] = {}
+        self._refusing = 0
+        # Sent without reading the request once even the ping reserve is full.
+        self._refusal = (
+            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(refusal_body), refusal_body)
+        )
+
+    async def run(
+        self,
+        shutdown: Callable[[], Awaitable[object]],
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accepts until `shutdown()` returns, then lets open requests finish (bounded) and exits."""
+        sockets = await bind_loopback(self._port, self._ipv6)
+        listeners = [trio.SocketListener(sock) for sock in sockets]
+        lifespan = Lifespan(self._app, self._config, self._lifespan_state)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_loop, listener, connections)
+                    task_status.started(sockets[0].getsockname()[1])
+                    await shutdown()
+                    accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT.
+                await self._context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:  # EMFILE and friends: back off instead of spinning
+                logger.warning("accept failed: {}", error.strerror)
+                await trio.sleep(0.1)
+                continue
+            over_limit = self.slots.admit()
+            if over_limit is None:
+                if self._refusing < MAX_REFUSING:
+                    connections.start_soon(self._refuse, stream)
+                else:
+                    await trio.aclose_forcefully(stream)
+            else:
+                connections.start_soon(self._serve_connection, stream, over_limit)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        self._refusing += 1
+        try:
+            await _refuse(stream, self._refusal)
+        finally:
+            self._refusing -= 1
+
+    async def _serve_connection(self, stream: trio.SocketStream, over_limit: bool) -> None:
+        app = self._over_limit_app if over_limit else self._app
+        try:
+            await _Connection(app, self._config, self._context, ConnectionState(self._lifespan_state.copy()), stream).run()
+        except Exception:  # one broken connection must never take the server down
+            logger.exception("connection handler failed")
+        finally:
+            self.slots.release()
+
+
+async def _refuse(stream: trio.SocketStream, refusal: bytes) -> None:
+    """Answers 429 without parsing the request, then closes gracefully, all within 1 s.
+
+    The request is read and discarded after the answer: closing a socket with unread data makes
+    the kernel send a reset, and the client would lose the 429.
+    """
+    with trio.move_on_after(REFUSAL_LINGER):
+        try:
+            await stream.send_all(refusal)
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
