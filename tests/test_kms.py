@@ -1,0 +1,102 @@
+"""The trio-native KMS client against the emulator: signing, retries, back-off, bounds, cancellation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import AK_ID, AK_SECRET, SECRETS, agent_config
+from kmsagent.credentials import Credentials, StaticCredentials
+from kmsagent.emulator import Fault, KmsEmulator
+from kmsagent.errors import KmsError, UpstreamTimeout
+from kmsagent.kms import KmsClient, _backoff
+
+
+@pytest.fixture
+async def client(emulator: KmsEmulator) -> AsyncIterator[KmsClient]:
+    config = replace(agent_config(emulator.endpoint).kms, max_retries=2, read_timeout_ms=1000)
+    async with KmsClient.open(config, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms:
+        yield kms
+
+
+async def test_sts_credentials_are_signed_and_accepted(emulator: KmsEmulator) -> None:
+    emulator.add_credentials("STS.testKey", "sts-secret-Lq7", security_token="sts-token-Vx2")
+    config = agent_config(emulator.endpoint).kms
+    source = StaticCredentials(Credentials("STS.testKey", "sts-secret-Lq7", "sts-token-Vx2"), "test")
+    async with KmsClient.open(config, source) as kms:
+        secret = await kms.get_secret_value("api-key")
+    assert secret.data == SECRETS["api-key"] and emulator.calls[-1].access_key_id == "STS.testKey"
+
+
+async def test_a_wrong_secret_key_is_a_signature_error_not_retried(emulator: KmsEmulator) -> None:
+    config = replace(agent_config(emulator.endpoint).kms, max_retries=3)
+    async with KmsClient.open(config, StaticCredentials(Credentials(AK_ID, "not-the-secret"), "test")) as kms:
+        with pytest.raises(KmsError) as caught:
+            await kms.get_secret_value("api-key")
+    assert (caught.value.status, caught.value.code) == (400, "SignatureDoesNotMatch")
+    assert emulator.call_count() == 1
+
+
+async def test_retries_then_succeeds(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+    emulator.inject(Fault.server_error(), times=2)
+    assert (await client.get_secret_value("api-key")).data == SECRETS["api-key"]
+    assert emulator.call_count("api-key") == 3
+
+
+async def test_retry_after_is_honoured(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+    emulator.inject(Fault.throttling(retry_after_ms=4000), times=1)
+    started = trio.current_time()
+    await client.get_secret_value("api-key")
+    assert trio.current_time() - started >= 4.0
+    assert emulator.call_count("api-key") == 2
+
+
+async def test_throttling_after_all_retries_is_kms_429(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+    emulator.inject(Fault.throttling())
+    with pytest.raises(KmsError) as caught:
+        await client.get_secret_value("api-key")
+    assert (caught.value.status, caught.value.code, caught.value.is_transient) == (429, "Rejected.Throttling", True)
+    assert emulator.call_count("api-key") == 3
+
+
+def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> None:
+    for attempt in range(4):
+        step = 0.2 * 2**attempt
+        delays = [_backoff(attempt, None) for _ in range(200)]
+        assert all(step / 2 <= delay <= step for delay in delays)  # type: ignore[operator]
+        assert len(set(delays)) > 1
+    assert _backoff(0, 2.5) == 2.5
+    assert _backoff(0, 60.0) is None  # longer than MAX_RETRY_WAIT: give the error back instead
+
+
+async def test_timeouts_after_retries_are_upstream_timeout(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator.inject(Fault(delay=30))
+    with pytest.raises(UpstreamTimeout):
+        await client.get_secret_value("api-key")
+    assert emulator.call_count("api-key") == 3
+
+
+async def test_a_call_is_cancellable(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+    emulator.inject(Fault(delay=2.0))
+    started = trio.current_time()
+    with trio.move_on_after(0.3):
+        await client.get_secret_value("api-key")
+    assert trio.current_time() - started == pytest.approx(0.3)
+
+
+async def test_calls_in_flight_are_bounded(emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+    config = replace(agent_config(emulator.endpoint).kms, max_concurrent_requests=2, read_timeout_ms=5000)
+    emulator.inject(Fault(delay=1.0))
+    async with KmsClient.open(config, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms:
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(kms.get_secret_value, "api-key")
+        # Six one-second calls, two at a time: three rounds.
+        assert trio.current_time() - started == pytest.approx(3.0, abs=0.1)
