@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
 import trio
 from loguru import logger
@@ -54,9 +56,19 @@ async def run_agent(
             ),
         )
 
-        async def serve_then_stop(task_status: trio.TaskStatus[int]) -> None:
-            await server.run(shutdown, task_status=task_status)
-            nursery.cancel_scope.cancel()
-
         nursery.start_soon(token.watch)
-        task_status.started(await nursery.start(serve_then_stop))
+        task_status.started(await start_service(nursery, partial(server.run, shutdown)))
+
+
+async def start_service(nursery: trio.Nursery, service: Callable[..., Awaitable[None]]) -> Any:
+    """Starts `service(task_status=...)` in `nursery` and returns what it reports as started.
+
+    When the service returns (it was asked to shut down), the rest of the nursery — background
+    tasks that would otherwise run forever — is cancelled.
+    """
+
+    async def run(task_status: trio.TaskStatus[Any]) -> None:
+        await service(task_status=task_status)
+        nursery.cancel_scope.cancel()
+
+    return await nursery.start(run)

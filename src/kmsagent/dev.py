@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from kmsagent.agent import run_agent
+from kmsagent.agent import run_agent, start_service
 from kmsagent.config import Config, ConfigError
 from kmsagent.credentials import Credentials, StaticCredentials
 from kmsagent.emulator import KmsEmulator
@@ -80,10 +80,5 @@ async def run_dev(
             credentials=StaticCredentials(credentials, "static demo keys (--dev)"),
             shutdown=shutdown,
         )
-
-        async def agent_then_stop(task_status: trio.TaskStatus[int]) -> None:
-            await agent(task_status=task_status)
-            nursery.cancel_scope.cancel()
-
-        port = await nursery.start(agent_then_stop)
+        port = await start_service(nursery, agent)
         task_status.started(DevSession(port, token, list(demo_secrets)))
