@@ -61,7 +61,7 @@ class AgentApp(QuartTrio):
         request = (request_context or request_ctx).request
         scope = request.scope
         started = trio.current_time()
-        outcome = "-"
+        outcome = secret_id = "-"
         try:
             target = check_request(
                 method=request.method,
@@ -78,6 +78,7 @@ class AgentApp(QuartTrio):
                 response = Response("", 200, content_type="text/plain; version=0.0.4")
             else:
                 assert isinstance(target, SecretQuery)
+                secret_id = target.secret_id
                 cached, cache_outcome = await self.cache.get(
                     target.cache_key, lambda: self._load(target), refresh=target.refresh
                 )
@@ -94,11 +95,12 @@ class AgentApp(QuartTrio):
             logger.exception("unexpected failure serving {}", scope.get("path", "?")[:200])
             response = self._error_response(AgentError(500, "InternalFailure", "internal error"))
         logger.debug(
-            "{} {} {} cache={} {:.1f}ms",
+            "{} {} {} cache={} secret={!r} {:.1f}ms",
             request.method[:16],
             scope.get("path", "?")[:200],
             response.status_code,
             outcome,
+            secret_id[:200],
             (trio.current_time() - started) * 1000,
         )
         return response

@@ -1,5 +1,8 @@
 """Logging per SPEC §2 `[Log]`: loguru to stderr and to `<Path>/kmsagent.log`, rotated.
 
+`Format` applies to the file (the record a collector parses); stderr is always one text line per
+record, for a person or the journal.
+
 Sinks are enqueued: loguru writes from its own thread, so a slow disk or a full stderr pipe never
 blocks the trio thread. `diagnose=False` keeps variable values (which may hold secrets) out of
 tracebacks. The standard-library loggers of hypercorn and the SDKs are routed into loguru.
@@ -18,6 +21,7 @@ from kmsagent.config import LogConfig
 LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "error": "ERROR"}
 TEXT_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} {message}"
 LOG_FILE = "kmsagent.log"
+QUIET_LIBRARIES = ("httpcore", "httpx", "hpack")
 
 
 class LogSetupError(Exception):
@@ -38,19 +42,18 @@ class _ToLoguru(logging.Handler):
 def configure_logging(config: LogConfig) -> None:
     """Replaces loguru's default sink with the configured stderr and file sinks."""
     level = LEVELS[config.level]
-    serialize = config.format == "json"
     folder = Path(config.path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LogSetupError(f"cannot create log folder {folder}: {error.strerror}") from None
     logger.remove()
-    common = dict(level=level, serialize=serialize, backtrace=False, diagnose=False, enqueue=True)
-    logger.add(sys.stderr, format=TEXT_FORMAT, **common)  # type: ignore[arg-type]
+    common = dict(level=level, format=TEXT_FORMAT, backtrace=False, diagnose=False, enqueue=True)
+    logger.add(sys.stderr, **common)  # type: ignore[arg-type]
     try:
         logger.add(
             folder / LOG_FILE,
-            format=TEXT_FORMAT,
+            serialize=config.format == "json",
             rotation=config.max_file_size_mb * 1024 * 1024,
             retention=config.backups,
             **common,  # type: ignore[arg-type]
@@ -58,6 +61,8 @@ def configure_logging(config: LogConfig) -> None:
     except OSError as error:
         raise LogSetupError(f"cannot write {folder / LOG_FILE}: {error.strerror}") from None
     logging.basicConfig(handlers=[_ToLoguru()], level=0, force=True)
+    for chatty in QUIET_LIBRARIES:  # per-packet debug lines that drown the agent's own
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def close_logging() -> None:
