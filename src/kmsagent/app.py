@@ -90,6 +90,8 @@ class AgentApp(QuartTrio):
                     content_type=JSON,
                 )
         except AgentError as error:
+            if error.status >= 500:
+                logger.warning("secret {!r}: {}: {}", secret_id[:200], error.code, error.message)
             response = self._error_response(error)
         except Exception:
             logger.exception("unexpected failure serving {}", scope.get("path", "?")[:200])

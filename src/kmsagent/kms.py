@@ -129,17 +129,16 @@ class KmsClient:
                     renewed = True
                     if await self._credentials.rejected(credentials):
                         continue
-                if not error.is_transient or attempt >= self._config.max_retries:
+                if not error.is_transient:
                     raise
                 delay = _backoff(attempt, error.retry_after)
-                if delay is None:
-                    raise
+                failure: AgentError = error
             except (UpstreamUnavailable, UpstreamTimeout) as error:
-                if attempt >= self._config.max_retries:
-                    raise
-                delay = _backoff(attempt, None)
-                logger.debug("KMS attempt {} for {!r} failed: {}", attempt + 1, secret_id, error.message)
+                delay, failure = _backoff(attempt, None), error
+            if attempt >= self._config.max_retries or delay is None:
+                raise failure
             attempt += 1
+            logger.debug("KMS try {} for {!r} failed ({}); retrying in {:.2f}s", attempt, secret_id, failure.code, delay)
             await trio.sleep(delay)
 
     async def _attempt(self, query: dict[str, str], credentials: Credentials) -> SecretValue:

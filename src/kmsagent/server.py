@@ -1,10 +1,9 @@
 """Hypercorn's trio HTTP/1.1 protocol behind our own accept loop, bound to loopback only.
 
 Why not `hypercorn.trio.serve`: it has no connection cap (its `backlog` is the kernel's queue),
-and a client that closes an idle keep-alive connection leaves the connection's task alive until
-`keep_alive_timeout` (NOTES.md; pgjones/hypercorn#210, #235), which would hold a slot of the cap.
-So this module owns accepting and counting (SPEC §3's MaxConn, 429, and the `/ping` reserve),
-and reuses hypercorn's per-connection `TCPServer` with the idle timer stopped when reading ends.
+so this module owns accepting and counting (SPEC §3's MaxConn, 429, and the `/ping` reserve) and
+reuses hypercorn's per-connection `TCPServer`, fixed so that a connection whose client has gone
+gives its slot back at once (see `_Connection`).
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ GRACEFUL_TIMEOUT = 3.0
 REFUSAL_LINGER = 1.0
 #: Refusals in progress at once; beyond it a connection is closed without a word.
 MAX_REFUSING = 64
+
+
 class ServeError(Exception):
     """The server cannot start (e.g. the port is in use): one line, exit 1."""
 
@@ -53,12 +54,12 @@ class _OverLimitApp:
 class _Connection(TCPServer):
     """Hypercorn's connection handler, made to stop reading once the client is gone.
 
-    Two ways a closed connection outlived its client in hypercorn 0.18 and held a slot of the
-    cap: requests pipelined behind one in progress park the read loop on h11's PAUSED state,
-    and when the client then hangs up, the failed send never wakes it, so the task waited forever
-    (tests/test_connections.py shows it); and the idle timer kept the task group open for up to
-    `keep_alive_timeout` after the read loop ended (NOTES.md). A failed send or a close now
-    cancels the read loop, and the idle timer stops when reading ends.
+    In hypercorn 0.18.0, requests pipelined behind one in progress park the read loop on h11's
+    PAUSED state; when the client then hangs up, the failed send never wakes it, and the
+    connection's task (and its slot of the cap) waits forever. A failed send or a close now
+    cancels the read loop. (The idle keep-alive quirk of NOTES.md, a closed idle connection held
+    until `keep_alive_timeout`, did not reproduce with 0.18.0; tests/test_connections.py
+    checks both cases.)
     """
 
     def __init__(self, *args: Any) -> None:
@@ -70,7 +71,6 @@ class _Connection(TCPServer):
             await super()._read_data()
         if self._reading.cancelled_caught:
             await self.protocol.handle(Closed())
-        await self.idle_task.stop()
 
     async def protocol_send(self, event: Event) -> None:
         if not isinstance(event, RawData):
