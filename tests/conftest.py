@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -10,10 +12,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from loguru import logger
 
 from kmsagent.agent import run_agent
 from kmsagent.config import CacheConfig, Config, KmsConfig, ServerConfig
-from kmsagent.credentials import Credentials, StaticCredentials
+from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials
 from kmsagent.emulator import KmsEmulator
 from kmsagent.token import TokenSource
 
@@ -30,8 +33,35 @@ SECRET_MATERIAL = (AK_SECRET, TOKEN, *SECRETS.values())
 
 
 @pytest.fixture
-async def emulator(nursery: trio.Nursery) -> KmsEmulator:
-    kms = KmsEmulator()
+def wall_clock() -> Callable[[], float]:
+    """The wall clock of the emulators and the agent; modules that use autojump_clock override it."""
+    return time.time
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[list[str]]:
+    """Every loguru and standard-library log line at DEBUG while the test runs."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect(level=0)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(0)
+    sink = logger.add(lambda message: lines.append(str(message)), level="DEBUG", diagnose=False)
+    yield lines
+    logger.remove(sink)
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+@pytest.fixture
+async def emulator(nursery: trio.Nursery, wall_clock: Callable[[], float]) -> KmsEmulator:
+    kms = KmsEmulator(clock=wall_clock)
     kms.add_credentials(AK_ID, AK_SECRET)
     for name, data in SECRETS.items():
         kms.put_secret(name, data)
@@ -70,11 +100,14 @@ StartAgent = Callable[..., Awaitable[RunningAgent]]
 
 
 @pytest.fixture
-async def start_agent(nursery: trio.Nursery, emulator: KmsEmulator) -> AsyncIterator[StartAgent]:
-    """Starts `run_agent` in the test's nursery; keyword arguments go to `agent_config`."""
+async def start_agent(
+    nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float]
+) -> AsyncIterator[StartAgent]:
+    """Starts `run_agent` in the test's nursery; `credentials` replaces the static test key, other
+    keyword arguments go to `agent_config`."""
     clients: list[httpx.AsyncClient] = []
 
-    async def start(**sections: Any) -> RunningAgent:
+    async def start(credentials: CredentialSource | None = None, **sections: Any) -> RunningAgent:
         config = agent_config(emulator.endpoint, **sections)
         stop = trio.Event()
         port = await nursery.start(
@@ -82,8 +115,9 @@ async def start_agent(nursery: trio.Nursery, emulator: KmsEmulator) -> AsyncIter
                 run_agent,
                 config,
                 token=TokenSource(TOKEN.encode()),
-                credentials=StaticCredentials(Credentials(AK_ID, AK_SECRET), "test"),
+                credentials=credentials or StaticCredentials(Credentials(AK_ID, AK_SECRET), "test"),
                 shutdown=stop.wait,
+                clock=wall_clock,
             )
         )
         client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)

@@ -21,7 +21,7 @@ import trio
 from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN
 from kmsagent import __version__
 from kmsagent.config import Config, parse_config
-from kmsagent.emulator import KmsEmulator
+from kmsagent.emulator import KmsEmulator, MetadataEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
@@ -34,7 +34,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> 
     )
 
 
-def write_config(tmp_path: Path, endpoint: str, extra: str = "") -> Path:
+def write_config(tmp_path: Path, endpoint: str, credentials: str = "") -> Path:
+    """A config for the agent process; the metadata service is never the real 100.100.100.200."""
     path = tmp_path / "kmsagent.toml"
     path.write_text(
         f"""
@@ -44,10 +45,12 @@ HttpPort = 0
 Endpoint = "{endpoint}"
 Protocol = "http"
 MaxRetries = 0
+[Credentials]
+MetadataEndpoint = "http://127.0.0.1:9"
+{credentials}
 [Log]
 Level = "debug"
 Path = "{tmp_path / 'logs'}"
-{extra}
 """
     )
     return path
@@ -152,8 +155,9 @@ def test_no_token_exits_1_naming_the_variables(tmp_path: Path) -> None:
     assert "KMS_TOKEN" in result.stderr
 
 
-def test_no_credentials_exits_1(tmp_path: Path) -> None:
-    result = run_cli("--config", str(write_config(tmp_path, "127.0.0.1:1")), env={**BASE_ENV, "KMS_TOKEN": TOKEN})
+def test_access_key_credentials_missing_exits_1(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "127.0.0.1:1", 'Type = "access_key"')
+    result = run_cli("--config", str(config), env={**BASE_ENV, "KMS_TOKEN": TOKEN})
     assert result.returncode == 1
     assert_one_line(result.stderr)
     assert "ALIBABA_CLOUD_ACCESS_KEY_ID" in result.stderr
@@ -195,6 +199,26 @@ async def test_serves_secrets_then_stops_on_sigterm_without_leaking(tmp_path: Pa
             assert material not in text, f"secret material in {where}"
 
 
+async def test_the_ecs_ram_role_is_the_auto_source_without_keys(tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery) -> None:
+    metadata = MetadataEmulator(emulator)
+    await nursery.start(metadata.serve)
+    config = write_config(tmp_path, emulator.endpoint).read_text()
+    config = config.replace('MetadataEndpoint = "http://127.0.0.1:9"', f'MetadataEndpoint = "{metadata.endpoint}"')
+    (tmp_path / "ecs.toml").write_text(config)
+    env = {**BASE_ENV, "KMS_TOKEN": TOKEN}
+    async with agent_process(["--config", str(tmp_path / "ecs.toml")], env, tmp_path) as agent:
+        async with httpx.AsyncClient(headers={"X-KMS-Token": TOKEN}, timeout=10) as client:
+            response = await client.get(agent.url("/v1/api-key"))
+        assert response.status_code == 200 and response.json()["SecretData"] == SECRETS["api-key"]
+        assert emulator.calls[-1].access_key_id == metadata.issued[0].access_key_id
+        assert await stop(agent) == 0
+    stderr = agent.stderr_path.read_text()
+    assert "ecs_ram_role" in stderr
+    issued = metadata.issued[0]
+    for value in (issued.access_key_id, issued.access_key_secret, issued.security_token):
+        assert value not in stderr
+
+
 async def test_a_rotated_token_file_is_picked_up_without_restart(tmp_path: Path, emulator: KmsEmulator) -> None:
     token_file = tmp_path / "kmstoken"
     token_file.write_text("first-file-token\n")
@@ -215,8 +239,11 @@ async def test_a_rotated_token_file_is_picked_up_without_restart(tmp_path: Path,
         assert await stop(agent, signal.SIGINT) == 0
 
 
-async def test_dev_mode_prints_a_curl_line_that_works(tmp_path: Path) -> None:
-    (tmp_path / "dev.toml").write_text(f'[Server]\nHttpPort = 0\n[Log]\nPath = "{tmp_path / "logs"}"\n')
+@pytest.mark.parametrize("credentials", ["auto", "ecs_ram_role"])
+async def test_dev_mode_prints_a_curl_line_that_works(tmp_path: Path, credentials: str) -> None:
+    (tmp_path / "dev.toml").write_text(
+        f'[Server]\nHttpPort = 0\n[Credentials]\nType = "{credentials}"\n[Log]\nPath = "{tmp_path / "logs"}"\n'
+    )
     shutil.copy(ROOT / "conf" / "dev-secrets.toml", tmp_path / "dev-secrets.toml")
     async with agent_process(["--dev", "--config", str(tmp_path / "dev.toml")], BASE_ENV, tmp_path, "curl ") as agent:
         curl_line = next(line for line in agent.stdout if "curl " in line)

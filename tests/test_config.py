@@ -107,7 +107,6 @@ ROUND_TRIP_CASES = {
     ),
     "strings that need escaping": Config(
         cache=CacheConfig(prefetch=('q"uote', "back\\slash", "new\nline\ttab\r\b\f", "del\x7f\x00", "é😀")),
-        credentials=CredentialsConfig(role_name='a "role" \\ with\nnewline\x1b'),
         log=LogConfig(path="C:\\logs\\ünïcode 😀/"),
     ),
 }
@@ -174,7 +173,8 @@ ACCEPTED: list[tuple[str, str, Any]] = [
     ("KMS", "CaFilePath", ""),
     *(("Credentials", "Type", t) for t in ("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn")),
     ("Credentials", "RoleName", ""),
-    ("Credentials", "RoleName", "any string at all"),
+    ("Credentials", "RoleName", "KmsAgent.Role_1@prod-x"),
+    ("Credentials", "RoleName", "r" * 64),
     ("Credentials", "MetadataEndpoint", "http://100.100.100.200"),
     ("Credentials", "MetadataEndpoint", "https://metadata.example:8443"),
     ("Credentials", "MetadataEndpoint", "http://[fd00::1]:80"),
@@ -223,6 +223,9 @@ REJECTED: list[tuple[str, str, Any]] = [
     ("KMS", "Protocol", "HTTPS"),
     ("KMS", "Protocol", "ftp"),
     ("Credentials", "Type", "AUTO"),
+    ("Credentials", "RoleName", "../../meta-data"),  # it becomes a path segment of the metadata URL
+    ("Credentials", "RoleName", "role name"),
+    ("Credentials", "RoleName", "r" * 65),
     ("Credentials", "Type", "ram_role_arn"),
     ("Credentials", "MetadataEndpoint", "100.100.100.200"),
     ("Credentials", "MetadataEndpoint", "ftp://100.100.100.200"),

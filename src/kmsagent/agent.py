@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+import time
 from functools import partial
 from typing import Any
 
@@ -26,17 +27,20 @@ async def run_agent(
     token: TokenSource,
     credentials: CredentialSource,
     shutdown: Callable[[], Awaitable[object]],
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `shutdown()` returns, then drains requests and cancels background work.
 
-    `task_status.started` receives the bound port once connections are accepted.
+    `task_status.started` receives the bound port once connections are accepted, which does not
+    wait for the first credentials: a request that needs KMS before then waits a bounded time.
+    `clock` is the wall clock that signs requests (tests pass a virtual one).
     """
     formatter = response_format(
         config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds
     )
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
-    async with KmsClient.open(config.kms, credentials) as kms, trio.open_nursery() as nursery:
+    async with KmsClient.open(config.kms, credentials, clock=clock) as kms, trio.open_nursery() as nursery:
         cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
             ttl=config.cache.ttl_seconds,
@@ -57,6 +61,7 @@ async def run_agent(
         )
 
         nursery.start_soon(token.watch)
+        nursery.start_soon(credentials.run)
         task_status.started(await start_service(nursery, partial(server.run, shutdown)))
 
 

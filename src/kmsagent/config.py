@@ -224,6 +224,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _REGION = re.compile(r"[a-z0-9-]+")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 _PORT = re.compile(r"[0-9]{1,5}")
+_ROLE_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # it becomes a path segment of the metadata URL
 
 
 def _is_path_prefix(text: str) -> bool:
@@ -346,6 +347,10 @@ _ca_file_path = _text(
     'must be "" or the path of an existing, readable file',
     lambda path: path == "" or _is_readable_file(path),
 )
+_role_name = _text(
+    'must be "" (discover it) or a RAM role name of 1..64 characters [A-Za-z0-9._@-]',
+    lambda name: name == "" or _ROLE_NAME.fullmatch(name),
+)
 _credentials_type = _one_of("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn")
 
 _KEYS: tuple[_Key, ...] = (
@@ -370,7 +375,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("KMS", "MaxRetries", "max_retries", _int_in(0, 10)),
     _Key("KMS", "MaxConcurrentRequests", "max_concurrent_requests", _int_in(1, 100)),
     _Key("Credentials", "Type", "type", _credentials_type),
-    _Key("Credentials", "RoleName", "role_name", _text("must be a string")),
+    _Key("Credentials", "RoleName", "role_name", _role_name),
     _Key("Credentials", "MetadataEndpoint", "metadata_endpoint", _metadata_endpoint),
     _Key("Credentials", "DisableIMDSv1", "disable_imdsv1", _bool),
     _Key("Credentials", "RenewBeforeSeconds", "renew_before_seconds", _int_in(1, 43_200)),

@@ -1,5 +1,8 @@
 """`--dev`: the agent against an embedded KMS emulator, with demo secrets, keys and token.
 
+With `[Credentials] Type = "ecs_ram_role"` an embedded metadata service stands in for the ECS
+instance's RAM role too, so the credential task renews real (emulated) STS credentials.
+
 Everything secret here is generated per run and exists only in this process, so printing the
 token in the curl line is safe: it opens nothing but this process's demo secrets.
 """
@@ -16,9 +19,10 @@ from pathlib import Path
 import trio
 
 from kmsagent.agent import run_agent, start_service
-from kmsagent.config import Config, ConfigError
-from kmsagent.credentials import Credentials, StaticCredentials
-from kmsagent.emulator import KmsEmulator
+from kmsagent.config import Config, ConfigError, CredentialsConfig
+from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials
+from kmsagent.credentials.ecs_role import EcsRamRoleCredentials
+from kmsagent.emulator import KmsEmulator, MetadataEmulator
 from kmsagent.token import TokenSource
 
 DEMO_SECRETS_FILE = "dev-secrets.toml"
@@ -65,8 +69,6 @@ async def run_dev(
 ) -> None:
     """Runs the emulator and the agent in one nursery until `shutdown()` returns."""
     emulator = KmsEmulator(region=config.kms.region)
-    credentials = Credentials(f"LTAIdev{secrets.token_hex(8)}", secrets.token_urlsafe(24))
-    emulator.add_credentials(credentials.access_key_id, credentials.access_key_secret)
     for name, data in demo_secrets.items():
         emulator.put_secret(name, data)
     token = secrets.token_urlsafe(24)
@@ -77,8 +79,21 @@ async def run_dev(
             run_agent,
             dev_config,
             token=TokenSource(token.encode()),
-            credentials=StaticCredentials(credentials, "static demo keys (--dev)"),
+            credentials=await _dev_credentials(config.credentials, emulator, nursery),
             shutdown=shutdown,
         )
         port = await start_service(nursery, agent)
         task_status.started(DevSession(port, token, list(demo_secrets)))
+
+
+async def _dev_credentials(
+    config: CredentialsConfig, emulator: KmsEmulator, nursery: trio.Nursery
+) -> CredentialSource:
+    """Demo keys; or, for `Type = "ecs_ram_role"`, the RAM role of an embedded metadata service."""
+    if config.type == "ecs_ram_role":
+        metadata = MetadataEmulator(emulator)
+        await nursery.start(metadata.serve)
+        return EcsRamRoleCredentials(replace(config, metadata_endpoint=str(metadata.endpoint)))
+    credentials = Credentials(f"LTAIdev{secrets.token_hex(8)}", secrets.token_urlsafe(24))
+    emulator.add_credentials(credentials.access_key_id, credentials.access_key_secret)
+    return StaticCredentials(credentials, "static demo keys (--dev)")

@@ -14,7 +14,8 @@ import json
 import random
 import secrets
 import ssl
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -74,8 +75,15 @@ class SecretValue:
 class KmsClient:
     """GetSecretValue against one endpoint, with the retry and concurrency rules of SPEC §2/§5."""
 
-    def __init__(self, config: KmsConfig, credentials: CredentialSource, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        config: KmsConfig,
+        credentials: CredentialSource,
+        http: httpx.AsyncClient,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._config = config
+        self._clock = clock
         self._credentials = credentials
         self._http = http
         self._host = config.effective_endpoint
@@ -85,7 +93,9 @@ class KmsClient:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: KmsConfig, credentials: CredentialSource) -> AsyncIterator[KmsClient]:
+    async def open(
+        cls, config: KmsConfig, credentials: CredentialSource, *, clock: Callable[[], float] = time.time
+    ) -> AsyncIterator[KmsClient]:
         """A client with its own connection pool, closed on exit."""
         connect = config.connect_timeout_ms / 1000
         read = config.read_timeout_ms / 1000
@@ -102,7 +112,7 @@ class KmsClient:
             verify=verify,
             trust_env=False,
         ) as http:
-            yield cls(config, credentials, http)
+            yield cls(config, credentials, http, clock)
 
     async def get_secret_value(
         self, secret_id: str, *, version_id: str = "", version_stage: str = ""
@@ -153,9 +163,7 @@ class KmsClient:
                 except httpx.TimeoutException:
                     raise UpstreamTimeout(f"KMS at {self._host} did not answer in time") from None
                 except httpx.TransportError as error:
-                    raise UpstreamUnavailable(
-                        f"cannot reach KMS at {self._host}: {type(error).__name__}: {error}"
-                    ) from None
+                    raise UpstreamUnavailable(f"cannot reach KMS at {self._host}: {_describe(error)}") from None
         if attempt_scope.cancelled_caught:
             raise UpstreamTimeout(f"KMS at {self._host} did not answer in time")
         if response.status_code == 200:
@@ -169,7 +177,7 @@ class KmsClient:
             "x-acs-version": API_VERSION,
             "x-acs-action": "GetSecretValue",
             "user-agent": f"kmsagent/{__version__}",
-            "x-acs-date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "x-acs-date": datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "x-acs-signature-nonce": secrets.token_hex(16),
             "accept": "application/json",
             "content-type": "application/x-www-form-urlencoded",
@@ -187,6 +195,16 @@ class KmsClient:
             credentials.access_key_secret,
         )
         return headers
+
+
+def _describe(error: BaseException) -> str:
+    """The useful part of a transport error: under trio a TLS failure hides in the cause chain."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed: {cause.reason or cause}"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float | None:

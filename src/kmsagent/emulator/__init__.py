@@ -1,7 +1,8 @@
-"""A fake KMS Secrets Manager on loopback, used by `--dev` mode and by the tests."""
+"""Fakes of KMS Secrets Manager and of the ECS metadata service on loopback, for `--dev` and tests."""
 
 from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
 from kmsagent.emulator.kms import ACS_CURRENT, ACS_PREVIOUS, CallRecord, Fault, KmsEmulator
+from kmsagent.emulator.metadata import IssuedCredentials, MetadataEmulator
 
 __all__ = [
     "ACS_CURRENT",
@@ -10,6 +11,8 @@ __all__ = [
     "Fault",
     "HttpRequest",
     "HttpResponse",
+    "IssuedCredentials",
     "KmsEmulator",
+    "MetadataEmulator",
     "serve_http",
 ]

@@ -1,8 +1,8 @@
-"""Where the KMS client's AccessKey comes from.
+"""The credential types every source shares, and the static sources.
 
 The KMS client asks a `CredentialSource` for the current credentials before every signed call, so
 a source that renews them in the background (the ECS RAM role task) plugs in without the client
-knowing. This module has the static sources of the standard `ALIBABA_CLOUD_*` variables.
+knowing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kmsagent.config import CredentialsConfig
+import trio
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,22 @@ class Credentials:
     access_key_id: str
     access_key_secret: str = field(repr=False)
     security_token: str | None = field(default=None, repr=False)
+    #: When STS credentials stop working, as a wall-clock timestamp; None for a permanent key.
+    expiration: float | None = None
 
 
 class CredentialSource(Protocol):
-    """What the KMS client needs from a credential provider."""
+    """What the agent needs from a credential provider."""
 
     #: Which source this is, for the log (never the values).
     kind: str
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The source's background task (renewal), run in the agent's nursery until cancelled."""
+        ...
+
     async def current(self) -> Credentials:
-        """The credentials to sign with now; may wait a bounded time for the first ones."""
+        """The credentials to sign with now; waits a bounded time, then raises `UpstreamUnavailable`."""
         ...
 
     async def rejected(self, credentials: Credentials) -> bool:
@@ -49,6 +55,9 @@ class StaticCredentials:
         self._credentials = credentials
         self.kind = kind
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
     async def current(self) -> Credentials:
         return self._credentials
 
@@ -65,22 +74,3 @@ def from_environment(env: Mapping[str, str]) -> StaticCredentials | None:
     token = env.get("ALIBABA_CLOUD_SECURITY_TOKEN", "").strip() or None
     kind = "sts (environment)" if token else "access_key (environment)"
     return StaticCredentials(Credentials(key_id, secret, token), kind)
-
-
-def credential_source(config: CredentialsConfig, env: Mapping[str, str]) -> CredentialSource:
-    """The source that `[Credentials] Type` selects (SPEC §2); `auto` tries them in order."""
-    if config.type in ("auto", "access_key", "sts"):
-        source = from_environment(env)
-        if source is not None:
-            if config.type == "sts" and source.kind.startswith("access_key"):
-                raise CredentialsUnavailable("Type = \"sts\" needs ALIBABA_CLOUD_SECURITY_TOKEN")
-            return source
-        if config.type != "auto":
-            raise CredentialsUnavailable(
-                f"Type = \"{config.type}\" needs ALIBABA_CLOUD_ACCESS_KEY_ID and "
-                "ALIBABA_CLOUD_ACCESS_KEY_SECRET in the environment"
-            )
-    raise CredentialsUnavailable(
-        f"no credentials for Type = \"{config.type}\": set ALIBABA_CLOUD_ACCESS_KEY_ID and "
-        "ALIBABA_CLOUD_ACCESS_KEY_SECRET (the ECS RAM role and OIDC sources are not built yet)"
-    )

@@ -1,0 +1,302 @@
+"""Credentials: the ECS RAM-role task against the metadata emulator (autojump_clock), the auto chain,
+the OIDC wrapper, and the dedicated gateway's TLS."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
+from kmsagent.config import CredentialsConfig
+from kmsagent.credentials import Credentials, CredentialsUnavailable, credential_source
+from kmsagent.credentials.ecs_role import EcsRamRoleCredentials
+from kmsagent.credentials.oidc import OidcRoleCredentials
+from kmsagent.emulator import KmsEmulator, MetadataEmulator
+from kmsagent.errors import UpstreamUnavailable
+
+SECRET_PATH = "/secretsmanager/get?secretId=api-key"
+
+
+@pytest.fixture
+async def wall_clock(autojump_clock: trio.testing.MockClock) -> Callable[[], float]:
+    """Wall time that moves with trio's virtual clock, shared by the emulators and the agent."""
+    offset = time.time() - trio.current_time()
+    return lambda: offset + trio.current_time()
+
+
+@pytest.fixture
+async def metadata(nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float]) -> MetadataEmulator:
+    service = MetadataEmulator(emulator, lifetime=20, clock=wall_clock)
+    await nursery.start(service.serve)
+    return service
+
+
+def ecs_role(metadata: MetadataEmulator, wall_clock: Callable[[], float], **config: object) -> EcsRamRoleCredentials:
+    settings: dict[str, object] = {"metadata_endpoint": metadata.endpoint, "renew_before_seconds": 15}
+    settings.update(config)
+    return EcsRamRoleCredentials(CredentialsConfig(**settings), clock=wall_clock)  # type: ignore[arg-type]
+
+
+async def read_for(agent_get: Callable[[], object], seconds: float, every: float) -> list[tuple[float, int]]:
+    """(virtual time, status) of a read every `every` seconds for `seconds`."""
+    statuses = []
+    started = trio.current_time()
+    while trio.current_time() - started < seconds:
+        response = await agent_get()  # type: ignore[misc]
+        statuses.append((trio.current_time() - started, response.status_code))
+        await trio.sleep(every)
+    return statuses
+
+
+async def test_renewals_come_before_expiry_and_reads_never_fail(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+) -> None:
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
+    statuses = await read_for(lambda: agent.get(SECRET_PATH), seconds=60, every=0.5)
+    assert {status for _, status in statuses} == {200}
+    renewals = len(metadata.issued) - 1
+    assert renewals >= 3
+    # Each renewal was fetched (minted) while the credentials it replaced were still valid.
+    for previous, following in zip(metadata.issued, metadata.issued[1:]):
+        minted_at = following.expires_at - metadata.lifetime
+        assert minted_at < previous.expires_at - 10  # about RenewBeforeSeconds (15 s) early
+
+
+async def test_a_metadata_outage_keeps_old_credentials_until_expiry_then_502_then_recovers(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+) -> None:
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+    expires = metadata.issued[-1].expires_at - wall_clock()  # about 20 s from now
+    metadata.outage = True
+    during = await read_for(lambda: agent.get(SECRET_PATH), seconds=40, every=1)
+    assert all(status == 200 for at, status in during if at < expires - 1.5)
+    assert all(status == 502 for at, status in during if at > expires + 0.5)
+    assert len(metadata.issued) == 1
+    metadata.outage = False
+    after = await read_for(lambda: agent.get(SECRET_PATH), seconds=40, every=1)
+    assert after[-1][1] == 200 and len(metadata.issued) >= 2
+    recovered_at = next(at for at, status in after if status == 200)
+    assert all(status == 200 for at, status in after if at >= recovered_at)
+    response = await agent.get(SECRET_PATH)
+    assert response.json()["SecretData"] == SECRETS["api-key"]
+
+
+async def test_a_502_before_credentials_names_the_metadata_service(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+) -> None:
+    metadata.outage = True
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock))
+    assert (await agent.get("/ping")).status_code == 200  # serving before any credentials
+    response = await agent.get(SECRET_PATH)
+    assert response.status_code == 502
+    assert "metadata service" in response.json()["Message"]
+
+
+@pytest.mark.parametrize("require_token", [True, False])
+async def test_hardened_mode_sends_the_token_on_every_get(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, require_token: bool
+) -> None:
+    metadata.require_token = require_token
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock, disable_imdsv1=True))
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+    gets = [request for request in metadata.requests if request[0] == "GET"]
+    assert len(gets) == 2 and all(valid for _, _, valid in gets)  # role discovery, credentials
+
+
+async def test_without_the_token_api_imdsv1_is_the_fallback_unless_disabled(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+) -> None:
+    metadata.token_api = False
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock))
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+    hardened = await start_agent(credentials=ecs_role(metadata, wall_clock, disable_imdsv1=True))
+    assert (await hardened.get("/secretsmanager/get?secretId=db/password")).status_code == 502
+    assert [method for method, path, _ in metadata.requests if method == "GET"] == ["GET", "GET"]
+
+
+async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succeeds(
+    start_agent: StartAgent, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
+    await nursery.start(metadata.serve)
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+    first = metadata.issued[-1]
+    # KMS now says the security token expired, although its Expiration is an hour away.
+    emulator.add_credentials(first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1)
+    calls_before = emulator.call_count("api-key")
+    response = await agent.get(SECRET_PATH)
+    assert response.status_code == 200
+    assert len(metadata.issued) == 2
+    assert [call.status for call in emulator.calls[calls_before:]] == [400, 200]
+    assert emulator.calls[-1].access_key_id == metadata.issued[-1].access_key_id
+
+
+@pytest.mark.parametrize("breakage", ["malformed", "failure_code", "wrong_role"])
+async def test_bad_metadata_answers_are_errors(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, breakage: str
+) -> None:
+    role = "NotTheRole" if breakage == "wrong_role" else ""
+    metadata.malformed = breakage == "malformed"
+    metadata.failure_code = "Failed" if breakage == "failure_code" else None
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock, role_name=role))
+    response = await agent.get(SECRET_PATH)
+    assert response.status_code == 502
+
+
+async def test_no_credential_value_reaches_a_log_line_at_debug(
+    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, captured_logs: list[str]
+) -> None:
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
+    await read_for(lambda: agent.get(SECRET_PATH), seconds=12, every=1)  # a renewal at ~5 s
+    metadata.outage = True
+    await read_for(lambda: agent.get(SECRET_PATH), seconds=12, every=1)  # failures, then expiry
+    metadata.outage = False
+    metadata.malformed = True
+    await read_for(lambda: agent.get(SECRET_PATH), seconds=35, every=5)
+    assert any("renewed" in line for line in captured_logs)
+    assert any("retrying" in line for line in captured_logs)
+    text = "\n".join(captured_logs)
+    for issued in metadata.issued:
+        for value in (issued.access_key_id, issued.access_key_secret, issued.security_token):
+            assert value not in text
+
+
+# --- the auto chain -------------------------------------------------------------------------------
+
+OIDC_ENV = {
+    "ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1:role/r",
+    "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "acs:ram::1:oidc-provider/p",
+    "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/var/run/secrets/token",
+}
+AK_ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+
+
+@pytest.mark.parametrize(
+    ("kind", "env", "expected"),
+    [
+        ("auto", {**AK_ENV, **OIDC_ENV}, "access_key (environment)"),
+        ("auto", {**AK_ENV, "ALIBABA_CLOUD_SECURITY_TOKEN": "t"}, "sts (environment)"),
+        ("auto", OIDC_ENV, OidcRoleCredentials.kind),
+        ("auto", {"ALIBABA_CLOUD_ROLE_ARN": "only-one-of-three"}, "ecs_ram_role"),
+        ("auto", {}, "ecs_ram_role"),
+        ("access_key", AK_ENV, "access_key (environment)"),
+        ("ecs_ram_role", AK_ENV, "ecs_ram_role"),
+        ("oidc_role_arn", {**AK_ENV, **OIDC_ENV}, OidcRoleCredentials.kind),
+    ],
+)
+def test_the_chain_picks_each_source_in_order(kind: str, env: dict[str, str], expected: str) -> None:
+    source = credential_source(CredentialsConfig(type=kind, metadata_endpoint="http://127.0.0.1:9"), env)
+    assert source.kind.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("kind", "env", "named"),
+    [("access_key", {}, "ALIBABA_CLOUD_ACCESS_KEY_ID"), ("sts", AK_ENV, "ALIBABA_CLOUD_SECURITY_TOKEN"),
+     ("oidc_role_arn", {"ALIBABA_CLOUD_ROLE_ARN": "r"}, "ALIBABA_CLOUD_OIDC_TOKEN_FILE")],
+)
+def test_an_explicit_type_without_its_variables_is_a_start_error(kind: str, env: dict[str, str], named: str) -> None:
+    with pytest.raises(CredentialsUnavailable, match=named):
+        credential_source(CredentialsConfig(type=kind), env)
+
+
+class FakeOidcProvider:
+    """Stands in for the SDK provider: its errors quote STS's answer, secrets included."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def get_credentials(self) -> object:
+        from alibabacloud_credentials.provider.refreshable import Credentials as SdkCredentials
+
+        if self.fail:
+            raise RuntimeError(f"error retrieving credentials result: {{'AccessKeySecret': '{AK_SECRET}'}}")
+        return SdkCredentials(access_key_id="STS.oidc", access_key_secret=AK_SECRET, security_token="tok", expiration=2_000_000_000)
+
+
+async def test_the_oidc_wrapper_converts_and_never_quotes_errors() -> None:
+    credentials = await OidcRoleCredentials(FakeOidcProvider(fail=False)).current()
+    assert credentials == Credentials("STS.oidc", AK_SECRET, "tok", 2_000_000_000.0)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await OidcRoleCredentials(FakeOidcProvider(fail=True)).current()
+    assert AK_SECRET not in str(caught.value) and "RuntimeError" in caught.value.message
+
+
+# --- a dedicated gateway over HTTPS with its own CA -----------------------------------------------
+
+
+def make_ca_and_server_cert(folder: Path) -> tuple[Path, ssl.SSLContext]:
+    """A self-signed CA (written as PEM) and a server context for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kmsagent test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kst-test.cryptoservice.kms.aliyuncs.com")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return ca_path, context
+
+
+class TestDedicatedGateway:
+    """Real sockets and TLS handshakes: these tests run on the real clock."""
+
+    @pytest.fixture
+    def wall_clock(self) -> Callable[[], float]:
+        return time.time
+
+    async def test_https_with_the_gateway_ca_works_and_without_it_fails_clearly(
+        self, tmp_path: Path, nursery: trio.Nursery, start_agent: StartAgent, captured_logs: list[str]
+    ) -> None:
+        ca_path, server_context = make_ca_and_server_cert(tmp_path)
+        gateway = KmsEmulator()
+        gateway.add_credentials(AK_ID, AK_SECRET)
+        gateway.put_secret("gw-secret", "value-of-gw-secret-Tz6")
+        port = await nursery.start(lambda task_status: gateway.serve(ssl_context=server_context, task_status=task_status))
+        kms = {"endpoint": f"127.0.0.1:{port}", "protocol": "https", "max_retries": 0}
+        trusted = await start_agent(kms={**kms, "ca_file_path": str(ca_path)})
+        response = await trusted.get("/v1/gw-secret")
+        assert response.status_code == 200 and response.json()["SecretData"] == "value-of-gw-secret-Tz6"
+        untrusted = await start_agent(kms=kms)
+        response = await untrusted.get("/v1/gw-secret")
+        assert (response.status_code, response.json()["Code"]) == (502, "UpstreamUnavailable")
+        assert any("CERTIFICATE_VERIFY_FAILED" in line for line in captured_logs)
