@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -11,14 +11,19 @@ import trio
 from loguru import logger
 
 from kmsagent import errors
-from kmsagent.app import AgentApp, CachedSecret
+from kmsagent.app import AgentApp
 from kmsagent.cache import SecretCache
 from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
 from kmsagent.formats import response_format
 from kmsagent.kms import KmsClient
+from kmsagent.refresher import Refresher
 from kmsagent.server import HttpServer
+from kmsagent.store import CachedSecret, SecretStore
 from kmsagent.token import TokenSource
+
+#: How long start-up waits for `Prefetch` before opening the port anyway.
+PREFETCH_WAIT = 15.0
 
 
 async def run_agent(
@@ -49,7 +54,13 @@ async def run_agent(
             serve_stale=config.server.ignore_transient_errors,
             max_stale=config.cache.max_stale_seconds or None,
         )
-        app = AgentApp(config=config.server, token=token, cache=cache, kms=kms, response_format=formatter)
+        store = SecretStore(cache, kms, formatter, clock=clock)
+        refresher = Refresher(cache, rate=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
+        nursery.start_soon(token.watch)
+        nursery.start_soon(credentials.run)
+        nursery.start_soon(refresher.run)
+        await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
+        app = AgentApp(config=config.server, token=token, store=store, response_format=formatter)
         server = HttpServer(
             app,
             port=config.server.http_port,
@@ -60,8 +71,6 @@ async def run_agent(
             ),
         )
 
-        nursery.start_soon(token.watch)
-        nursery.start_soon(credentials.run)
         task_status.started(await start_service(nursery, partial(server.run, shutdown)))
 
 

@@ -1,4 +1,4 @@
-"""The HTTP application: request → checks → cache → (KMS client) → response format.
+"""The HTTP application: request → checks → store (cache → KMS client) → response.
 
 A QuartTrio app whose one handler sees every request: SPEC §3 fixes the check order (connection
 cap, Forwarded, Host and token come before method and path), and Quart's URL map would answer 404
@@ -7,7 +7,6 @@ or 405 before the token check, so routing is done by `checks.check_request` inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -17,25 +16,16 @@ from quart.ctx import RequestContext
 from quart.globals import request_ctx
 from quart_trio import QuartTrio
 
-from kmsagent.cache import SecretCache
 from kmsagent.checks import Route, SecretQuery, check_request
 from kmsagent.config import ServerConfig
 from kmsagent.errors import AgentError
 from kmsagent.formats import ResponseFormat
-from kmsagent.kms import KmsClient, SecretValue
+from kmsagent.store import SecretStore
 from kmsagent.token import TokenSource
 
 #: Set in the ASGI scope's extensions by the server for connections accepted beyond MaxConn.
 OVER_LIMIT = "kmsagent.over_limit"
 JSON = "application/json"
-
-
-@dataclass(frozen=True)
-class CachedSecret:
-    """What the cache holds: KMS's answer and its response body, rendered once."""
-
-    secret: SecretValue
-    body: bytes
 
 
 class AgentApp(QuartTrio):
@@ -46,15 +36,13 @@ class AgentApp(QuartTrio):
         *,
         config: ServerConfig,
         token: TokenSource,
-        cache: SecretCache[tuple[str, str, str], CachedSecret],
-        kms: KmsClient,
+        store: SecretStore,
         response_format: ResponseFormat,
     ) -> None:
         super().__init__("kmsagent")
         self.agent_config = config
         self.token = token
-        self.cache = cache
-        self.kms = kms
+        self.store = store
         self.response_format = response_format
 
     async def dispatch_request(self, request_context: RequestContext | None = None) -> Response:
@@ -79,9 +67,7 @@ class AgentApp(QuartTrio):
             else:
                 assert isinstance(target, SecretQuery)
                 secret_id = target.secret_id
-                cached, cache_outcome = await self.cache.get(
-                    target.cache_key, lambda: self._load(target), refresh=target.refresh
-                )
+                cached, cache_outcome = await self.store.get(target)
                 outcome = cache_outcome.value
                 response = Response(
                     cached.body,
@@ -106,12 +92,6 @@ class AgentApp(QuartTrio):
             (trio.current_time() - started) * 1000,
         )
         return response
-
-    async def _load(self, query: SecretQuery) -> CachedSecret:
-        secret = await self.kms.get_secret_value(
-            query.secret_id, version_id=query.version_id, version_stage=query.version_stage
-        )
-        return CachedSecret(secret, self.response_format.secret(secret))
 
     def _error_response(self, error: AgentError) -> Response:
         headers: dict[str, Any] = {}

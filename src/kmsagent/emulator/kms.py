@@ -144,6 +144,8 @@ class CallRecord:
     version_stage: str | None
     access_key_id: str | None
     status: int | None = None
+    #: The emulator's `clock()` when the request arrived.
+    at: float = 0.0
 
 
 class _KmsError(Exception):
@@ -381,6 +383,7 @@ class KmsEmulator:
             version_id=query.get("VersionId"),
             version_stage=query.get("VersionStage"),
             access_key_id=auth.access_key_id if auth else request.headers.get("x-acs-accesskey-id"),
+            at=self._clock(),
         )
         self.calls.append(record)
         return record

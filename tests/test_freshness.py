@@ -1,0 +1,220 @@
+"""Freshness (SPEC §5): refresh-ahead, rotation awareness, stale serving, prefetch.
+
+The cache and its refresher are tested with a fake loader on trio's autojump clock, which makes
+"never waits" and "spread over the window" exact; the agent as a whole against the emulator.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import SECRETS, StartAgent
+from kmsagent.cache import Outcome, SecretCache
+from kmsagent.emulator import Fault, KmsEmulator
+from kmsagent.refresher import Refresher
+
+TTL = 100.0
+
+
+class FakeKms:
+    """Answers `<key>@<version>` after `delay`; records when each load started."""
+
+    def __init__(self) -> None:
+        self.version = 1
+        self.delay = 0.0
+        self.error: Exception | None = None
+        self.loads: list[tuple[str, float]] = []
+
+    def loader(self, key: str) -> Callable[[], object]:
+        async def load() -> str:
+            self.loads.append((key, trio.current_time()))
+            await trio.sleep(self.delay)
+            if self.error is not None:
+                raise self.error
+            return f"{key}@{self.version}"
+
+        return load
+
+    def count(self, key: str) -> int:
+        return sum(1 for loaded, _ in self.loads if loaded == key)
+
+
+class Unavailable(Exception):
+    pass
+
+
+def make_cache(
+    nursery: trio.Nursery, *, rate: float = 8, rotation: Callable[[object], float | None] = lambda value: None, **kwargs: object
+) -> SecretCache[str, str]:
+    options: dict[str, object] = dict(max_entries=1000, ttl=TTL, is_transient=lambda e: isinstance(e, Unavailable))
+    options.update(kwargs)
+    cache: SecretCache[str, str] = SecretCache(loads=nursery, **options)  # type: ignore[arg-type]
+    nursery.start_soon(Refresher(cache, rate=rate, rotation_due=rotation).run)
+    return cache
+
+
+async def test_a_steady_reader_never_waits_even_when_kms_takes_80_percent_of_the_ttl(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    kms, cache = FakeKms(), make_cache(nursery)
+    kms.delay = 0.8 * TTL
+    await cache.get("a", kms.loader("a"))  # the first read waits for KMS
+    waits, outcomes = [], Counter[Outcome]()
+    for _ in range(100):  # ten TTL windows, a read every tenth of the TTL
+        await trio.sleep(TTL / 10)
+        started = trio.current_time()
+        _, outcome = await cache.get("a", kms.loader("a"))
+        waits.append(trio.current_time() - started)
+        outcomes[outcome] += 1
+    assert max(waits) == 0 and outcomes == {Outcome.HIT: 100}
+    assert kms.count("a") >= 10  # it kept reloading in the background
+
+
+async def test_an_entry_not_read_for_two_windows_costs_no_kms_call(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    kms, cache = FakeKms(), make_cache(nursery)
+    await cache.get("a", kms.loader("a"))
+    await cache.get("a", kms.loader("a"))  # read in its first window: it is refreshed once
+    await trio.sleep(TTL)
+    assert kms.count("a") == 2
+    await trio.sleep(2 * TTL)  # nobody read the refreshed entry
+    assert kms.count("a") == 2
+    assert await cache.get("a", kms.loader("a")) == ("a@1", Outcome.MISS)
+
+
+async def test_1000_entries_loaded_together_refresh_spread_out_and_paced(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    kms, cache = FakeKms(), make_cache(nursery, ttl=300.0, rate=8)
+    keys = [f"s{i}" for i in range(1000)]
+    async with trio.open_nursery() as readers:
+        for key in keys:
+            readers.start_soon(cache.get, key, kms.loader(key))
+    for key in keys:
+        cache.mark_read(key)
+    loaded_at = trio.current_time()
+    await trio.sleep(300)
+    refreshes = [at - loaded_at for _, at in kms.loads[1000:]]
+    assert len(refreshes) == 1000  # every hot entry reloaded once, all before expiry
+    assert max(refreshes) < 300
+    assert max(refreshes) - min(refreshes) >= 300 / 5
+    per_second = Counter(int(at) for at in refreshes)
+    assert max(per_second.values()) <= 8
+
+
+async def test_a_rotation_date_inside_the_window_brings_a_reload_right_after_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    kms = FakeKms()
+    rotation_at = trio.current_time() + 40
+    cache = make_cache(nursery, rotation=lambda value: rotation_at if value == "a@1" else None)
+    await cache.get("a", kms.loader("a"))
+    await cache.get("a", kms.loader("a"))
+    kms.version = 2
+    await trio.sleep(TTL * 0.45)  # before the earliest ordinary refresh point (half the TTL)
+    reloads = [at for _, at in kms.loads[1:]]
+    assert len(reloads) == 1 and rotation_at < reloads[0] <= rotation_at + 5
+    assert await cache.get("a", kms.loader("a")) == ("a@2", Outcome.HIT)
+
+
+async def test_failing_refreshes_back_off_and_do_not_multiply_with_readers(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    kms, cache = FakeKms(), make_cache(nursery, max_stale=None)
+    await cache.get("a", kms.loader("a"))
+    kms.error = Unavailable()
+    outcomes = Counter[Outcome]()
+
+    async def reader() -> None:
+        for _ in range(300):
+            outcomes[(await cache.get("a", kms.loader("a")))[1]] += 1
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as readers:
+        for _ in range(20):
+            readers.start_soon(reader)
+    assert outcomes[Outcome.STALE] > 0 and set(outcomes) <= {Outcome.HIT, Outcome.STALE}
+    # 300 s of 20 readers: the back-off (1, 2, 4 … 60 s) allows about a dozen calls, not 6000.
+    assert kms.count("a") <= 15
+
+
+# --- the agent against the emulator ------------------------------------------------------------
+
+SECRET_PATH = "/secretsmanager/get?secretId=db/password"
+
+
+async def test_a_rotation_reaches_readers_within_the_ttl(
+    start_agent: StartAgent, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
+    agent = await start_agent(cache={"ttl_seconds": 60})
+    assert (await agent.get(SECRET_PATH)).json()["SecretData"] == SECRETS["db/password"]
+    emulator.rotate("db/password", "value-of-db-password-rotated-Ue2q")
+    rotated_at = trio.current_time()
+    while (await agent.get(SECRET_PATH)).json()["SecretData"] != "value-of-db-password-rotated-Ue2q":
+        await trio.sleep(1)
+        assert trio.current_time() - rotated_at <= 60
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [(Fault.unavailable(), 502), (Fault.throttling(), 429), (Fault(drop=True), 502), (Fault(delay=30), 504)],
+    ids=["outage", "throttling", "dropped", "timeout"],
+)
+async def test_kms_faults_serve_stale_within_max_stale_then_stop(
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    autojump_clock: trio.testing.MockClock,
+    fault: Fault,
+    status: int,
+) -> None:
+    agent = await start_agent(cache={"ttl_seconds": 10, "max_stale_seconds": 20})
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+    emulator.inject(fault)
+    loaded_at = trio.current_time()
+    seen: list[tuple[float, int, str]] = []
+    while trio.current_time() - loaded_at < 40:
+        response = await agent.get(SECRET_PATH)
+        seen.append((trio.current_time() - loaded_at, response.status_code, response.headers.get("x-kms-agent-cache", "")))
+        await trio.sleep(1)
+    assert all(code == 200 for at, code, _ in seen if at < 30)
+    assert any(cache == "stale" for at, _, cache in seen if 11 < at < 29)
+    assert all(cache != "stale" for at, _, cache in seen if at > 30.5)
+    assert seen[-1][1] == status
+    emulator.clear_faults()
+
+
+async def test_a_deleted_secret_is_404_after_its_next_refresh(
+    start_agent: StartAgent, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
+    agent = await start_agent(cache={"ttl_seconds": 60})
+    await agent.get(SECRET_PATH)
+    await agent.get(SECRET_PATH)  # hot
+    emulator.delete_secret("db/password")
+    await trio.sleep(55)  # past the refresh point, before expiry
+    response = await agent.get(SECRET_PATH)
+    assert (response.status_code, response.json()["Code"]) == (404, "Forbidden.ResourceNotFound")
+
+
+async def test_prefetched_secrets_are_hits_from_the_first_request(
+    start_agent: StartAgent, emulator: KmsEmulator
+) -> None:
+    agent = await start_agent(cache={"prefetch": ("db/password", "api-key", "no-such-secret")})
+    assert emulator.call_count("db/password") == 1  # loaded before the port opened
+    response = await agent.get(SECRET_PATH)
+    assert response.status_code == 200 and response.headers["x-kms-agent-cache"] == "hit"
+    assert (await agent.get("/v1/api-key")).headers["x-kms-agent-cache"] == "hit"
+    assert emulator.call_count("db/password") == 1
+
+
+async def test_ttl_zero_asks_kms_every_time(start_agent: StartAgent, emulator: KmsEmulator) -> None:
+    agent = await start_agent(cache={"ttl_seconds": 0})
+    for _ in range(3):
+        response = await agent.get(SECRET_PATH)
+        assert response.headers["x-kms-agent-cache"] == "miss"
+    assert emulator.call_count("db/password") == 3
