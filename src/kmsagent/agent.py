@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -17,7 +18,10 @@ from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
 from kmsagent.formats import response_format
 from kmsagent.kms import KmsClient
+from kmsagent.logs import configure_logging
+from kmsagent.metrics import Metrics
 from kmsagent.refresher import Refresher
+from kmsagent.reload import reload_on_sighup
 from kmsagent.server import HttpServer
 from kmsagent.store import CachedSecret, SecretStore
 from kmsagent.token import TokenSource
@@ -33,19 +37,21 @@ async def run_agent(
     credentials: CredentialSource,
     shutdown: Callable[[], Awaitable[object]],
     clock: Callable[[], float] = time.time,
+    config_path: str | Path | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `shutdown()` returns, then drains requests and cancels background work.
 
     `task_status.started` receives the bound port once connections are accepted, which does not
     wait for the first credentials: a request that needs KMS before then waits a bounded time.
-    `clock` is the wall clock that signs requests (tests pass a virtual one).
+    `clock` is the wall clock that signs requests (tests pass a virtual one). With `config_path`,
+    SIGHUP reloads that file.
     """
-    formatter = response_format(
-        config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds
-    )
+    formatter = response_format(config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds)
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
-    async with KmsClient.open(config.kms, credentials, clock=clock) as kms, trio.open_nursery() as nursery:
+    metrics = Metrics()
+    kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
+    async with kms_client as kms, trio.open_nursery() as nursery:
         cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
             ttl=config.cache.ttl_seconds,
@@ -56,21 +62,41 @@ async def run_agent(
         )
         store = SecretStore(cache, kms, formatter, clock=clock)
         refresher = Refresher(cache, rate=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
-        nursery.start_soon(token.watch)
-        nursery.start_soon(credentials.run)
-        nursery.start_soon(refresher.run)
-        await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
-        app = AgentApp(config=config.server, token=token, store=store, response_format=formatter)
+        app = AgentApp(config=config.server, token=token, store=store, response_format=formatter, metrics=metrics)
+        refusal = errors.AgentError(429, "ConnectionLimitExceeded", "too many connections open")
         server = HttpServer(
             app,
             port=config.server.http_port,
             ipv6=config.server.bind_ipv6,
             max_conn=config.server.max_conn,
-            refusal_body=formatter.error(
-                errors.AgentError(429, "ConnectionLimitExceeded", "too many connections open")
-            ),
+            refusal_body=formatter.error(refusal),
+        )
+        metrics.watch("kmsagent_cache_entries", "Secrets in the cache.", lambda: len(cache))
+        metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)
+        metrics.watch("kmsagent_refreshes", "Background refreshes started.", lambda: refresher.started, counter=True)
+        metrics.watch("kmsagent_connections_open", "HTTP connections open.", lambda: server.slots.open)
+        metrics.watch(
+            "kmsagent_credentials_expiry_timestamp_seconds", "When the KMS credentials expire.", credentials.expiration
         )
 
+        def apply(reloaded: Config) -> None:
+            nonlocal config
+            app.agent_config = reloaded.server
+            cache.configure(
+                ttl=reloaded.cache.ttl_seconds,
+                serve_stale=reloaded.server.ignore_transient_errors,
+                max_stale=reloaded.cache.max_stale_seconds or None,
+            )
+            if reloaded.log != config.log:
+                configure_logging(reloaded.log)
+            config = reloaded
+
+        nursery.start_soon(token.watch)
+        nursery.start_soon(credentials.run)
+        nursery.start_soon(refresher.run)
+        if config_path is not None:
+            nursery.start_soon(reload_on_sighup, config_path, config, apply)
+        await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
         task_status.started(await start_service(nursery, partial(server.run, shutdown)))
 
 

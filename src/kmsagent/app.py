@@ -16,10 +16,11 @@ from quart.ctx import RequestContext
 from quart.globals import request_ctx
 from quart_trio import QuartTrio
 
-from kmsagent.checks import Route, SecretQuery, check_request
+from kmsagent.checks import SECRETS_MANAGER_PATH, Route, SecretQuery, check_request
 from kmsagent.config import ServerConfig
 from kmsagent.errors import AgentError
 from kmsagent.formats import ResponseFormat
+from kmsagent.metrics import Metrics
 from kmsagent.store import SecretStore
 from kmsagent.token import TokenSource
 
@@ -38,12 +39,14 @@ class AgentApp(QuartTrio):
         token: TokenSource,
         store: SecretStore,
         response_format: ResponseFormat,
+        metrics: Metrics,
     ) -> None:
         super().__init__("kmsagent")
         self.agent_config = config
         self.token = token
         self.store = store
         self.response_format = response_format
+        self.metrics = metrics
 
     async def dispatch_request(self, request_context: RequestContext | None = None) -> Response:
         request = (request_context or request_ctx).request
@@ -63,12 +66,13 @@ class AgentApp(QuartTrio):
             if target is Route.PING:
                 response = Response("healthy", 200, content_type="text/plain")
             elif target is Route.METRICS:
-                response = Response("", 200, content_type="text/plain; version=0.0.4")
+                response = Response(self.metrics.render(), 200, content_type=self.metrics.content_type)
             else:
                 assert isinstance(target, SecretQuery)
                 secret_id = target.secret_id
                 cached, cache_outcome = await self.store.get(target)
                 outcome = cache_outcome.value
+                self.metrics.cache_results.labels(outcome).inc()
                 response = Response(
                     cached.body,
                     200,
@@ -82,6 +86,7 @@ class AgentApp(QuartTrio):
         except Exception:
             logger.exception("unexpected failure serving {}", scope.get("path", "?")[:200])
             response = self._error_response(AgentError(500, "InternalFailure", "internal error"))
+        self.metrics.requests.labels(self._route_label(scope), str(response.status_code)).inc()
         logger.debug(
             "{} {} {} cache={} secret={!r} {:.1f}ms",
             request.method[:16],
@@ -92,6 +97,14 @@ class AgentApp(QuartTrio):
             (trio.current_time() - started) * 1000,
         )
         return response
+
+    def _route_label(self, scope: dict[str, Any]) -> str:
+        path = scope.get("raw_path") or b""
+        if path in (Route.PING.value, Route.METRICS.value):
+            return "ping" if path == Route.PING.value else "metrics"
+        if path == SECRETS_MANAGER_PATH or path.startswith(self.agent_config.path_prefix.encode()):
+            return "secret"
+        return "other"
 
     def _error_response(self, error: AgentError) -> Response:
         headers: dict[str, Any] = {}

@@ -112,6 +112,16 @@ class SecretCache(Generic[K, V]):
         self.policy: RefreshPolicy[K] | None = None
         self.evictions = 0
 
+    def configure(self, *, ttl: float, serve_stale: bool, max_stale: float | None) -> None:
+        """New rules (a config reload); a shorter TTL applies to the values already cached."""
+        self.ttl = ttl
+        self._serve_stale = serve_stale
+        self._max_stale = max_stale
+        if ttl <= 0:
+            self._entries.clear()
+        for entry in self._entries.values():
+            entry.expires_at = min(entry.expires_at, entry.loaded_at + ttl)
+
     def __len__(self) -> int:
         return len(self._entries)
 

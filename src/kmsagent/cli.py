@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.dev:
             return _run_dev(config, config_path)
-        return _run(config)
+        return _run(config, config_path)
     except ConfigError as error:
         return _fail(EXIT_USAGE, f"config error: {error}")
     except FATAL_ERRORS as error:
@@ -68,13 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_logging()
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, config_path: str | None) -> int:
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
     credentials = credential_source(config.credentials, os.environ)
     configure_logging(config.log)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
-        agent = partial(run_agent, config, token=token, credentials=credentials, shutdown=shutdown)
+        agent = partial(
+            run_agent, config, token=token, credentials=credentials, shutdown=shutdown, config_path=config_path
+        )
         _announce(await nursery.start(agent))
 
     return _run_until_signal(start)

@@ -449,6 +449,18 @@ def load_config(path: str | Path | None) -> Config:
     return parse_config(document)
 
 
+def differences(old: Config, new: Config) -> list[tuple[str, str, Any, Any]]:
+    """(section, key, old value, new value) for every key that differs, in SPEC §2 order."""
+    changed = []
+    for row in _KEYS:
+        attr = _SECTIONS[row.section][0]
+        before = getattr(getattr(old, attr), row.field_name)
+        after = getattr(getattr(new, attr), row.field_name)
+        if before != after:
+            changed.append((row.section, row.key, before, after))
+    return changed
+
+
 def dump_config(config: Config) -> str:
     """The effective config as TOML text, every key in SPEC §2 order (for `--check-config`)."""
     blocks: list[str] = []

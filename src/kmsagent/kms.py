@@ -29,7 +29,7 @@ from alibabacloud_kms20160120.models import GetSecretValueResponseBody
 from alibabacloud_tea_openapi.utils import Utils
 from loguru import logger
 
-from kmsagent import __version__
+from kmsagent import __version__, redact
 from kmsagent.config import KmsConfig
 from kmsagent.credentials import CredentialSource, Credentials
 from kmsagent.errors import AgentError, KmsError, UpstreamTimeout, UpstreamUnavailable
@@ -81,9 +81,11 @@ class KmsClient:
         credentials: CredentialSource,
         http: httpx.AsyncClient,
         clock: Callable[[], float] = time.time,
+        observe: Callable[[str, float], None] = lambda outcome, seconds: None,
     ) -> None:
         self._config = config
         self._clock = clock
+        self._observe = observe
         self._credentials = credentials
         self._http = http
         self._host = config.effective_endpoint
@@ -94,7 +96,12 @@ class KmsClient:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: KmsConfig, credentials: CredentialSource, *, clock: Callable[[], float] = time.time
+        cls,
+        config: KmsConfig,
+        credentials: CredentialSource,
+        *,
+        clock: Callable[[], float] = time.time,
+        observe: Callable[[str, float], None] = lambda outcome, seconds: None,
     ) -> AsyncIterator[KmsClient]:
         """A client with its own connection pool, closed on exit."""
         connect = config.connect_timeout_ms / 1000
@@ -112,7 +119,7 @@ class KmsClient:
             verify=verify,
             trust_env=False,
         ) as http:
-            yield cls(config, credentials, http, clock)
+            yield cls(config, credentials, http, clock, observe)
 
     async def get_secret_value(
         self, secret_id: str, *, version_id: str = "", version_stage: str = ""
@@ -152,6 +159,30 @@ class KmsClient:
             await trio.sleep(delay)
 
     async def _attempt(self, query: dict[str, str], credentials: Credentials) -> SecretValue:
+        """One signed call; its outcome and duration go to `observe` (the metrics)."""
+        started = trio.current_time()
+        outcome: str | None = None  # stays None when cancelled: not an outcome of KMS's
+        try:
+            secret = await self._call(query, credentials)
+            outcome = "success"
+            return secret
+        except KmsError as error:
+            if error.code == "Rejected.Throttling":
+                outcome = "throttled"
+            else:
+                outcome = "server_error" if error.kms_status >= 500 else "client_error"
+            raise
+        except UpstreamTimeout:
+            outcome = "timeout"
+            raise
+        except UpstreamUnavailable:
+            outcome = "unreachable"
+            raise
+        finally:
+            if outcome is not None:
+                self._observe(outcome, trio.current_time() - started)
+
+    async def _call(self, query: dict[str, str], credentials: Credentials) -> SecretValue:
         canonical_query = "&".join(
             f"{key}={quote(value, safe='~')}" for key, value in sorted(query.items())
         )
@@ -227,6 +258,7 @@ def _parse_secret(body: bytes) -> SecretValue:
     fields.pop("RequestId", None)
     if not isinstance(fields.get("SecretName"), str) or not isinstance(fields.get("VersionId"), str) or "SecretData" not in fields:
         raise UpstreamUnavailable("KMS answered 200 without SecretName, SecretData or VersionId")
+    redact.remember_secret(str(fields["SecretData"]))
     return SecretValue(fields)
 
 

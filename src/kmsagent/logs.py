@@ -16,12 +16,17 @@ from pathlib import Path
 
 from loguru import logger
 
+from kmsagent import redact
 from kmsagent.config import LogConfig
 
 LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "error": "ERROR"}
 TEXT_FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} {message}"
 LOG_FILE = "kmsagent.log"
 QUIET_LIBRARIES = ("httpcore", "httpx", "hpack")
+
+
+# Every record, from any sink configured now or later, passes the redaction guard first.
+logger.configure(patcher=redact.patch_record)
 
 
 class LogSetupError(Exception):
@@ -61,6 +66,7 @@ def configure_logging(config: LogConfig) -> None:
     except OSError as error:
         raise LogSetupError(f"cannot write {folder / LOG_FILE}: {error.strerror}") from None
     logging.basicConfig(handlers=[_ToLoguru()], level=0, force=True)
+    logging.getLogger("credentials").handlers.clear()  # the credentials SDK's own stderr handlers
     for chatty in QUIET_LIBRARIES:  # per-packet debug lines that drown the agent's own
         logging.getLogger(chatty).setLevel(logging.WARNING)
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import trio
 from loguru import logger
 
+from kmsagent import redact
+
 WATCH_INTERVAL = 1.0
 
 
@@ -26,6 +28,7 @@ class TokenSource:
     """Holds the current token; `matches` is the only way to use it."""
 
     def __init__(self, token: bytes, path: Path | None = None) -> None:
+        redact.remember(token.decode(errors="replace"))
         self._token = token
         self._path = path
         self._stamp = _stamp(path) if path is not None else None
@@ -88,6 +91,7 @@ class TokenSource:
             logger.warning("token file {} is empty, keeping the current token", path)
             return False
         self._stamp = stamp
+        redact.remember(token.decode(errors="replace"))
         changed = not hmac.compare_digest(token, self._token)
         self._token = token
         if changed:

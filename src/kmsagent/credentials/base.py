@@ -13,6 +13,8 @@ from typing import Protocol
 
 import trio
 
+from kmsagent import redact
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -23,6 +25,9 @@ class Credentials:
     security_token: str | None = field(default=None, repr=False)
     #: When STS credentials stop working, as a wall-clock timestamp; None for a permanent key.
     expiration: float | None = None
+
+    def __post_init__(self) -> None:
+        redact.remember(self.access_key_secret, self.security_token)
 
 
 class CredentialSource(Protocol):
@@ -41,6 +46,10 @@ class CredentialSource(Protocol):
 
     async def rejected(self, credentials: Credentials) -> bool:
         """KMS said `credentials` expired: renew now; True when a retry may succeed."""
+        ...
+
+    def expiration(self) -> float | None:
+        """When the credentials in use expire (wall clock), for the metrics; None if never."""
         ...
 
 
@@ -63,6 +72,9 @@ class StaticCredentials:
 
     async def rejected(self, credentials: Credentials) -> bool:
         return False
+
+    def expiration(self) -> float | None:
+        return self._credentials.expiration
 
 
 def from_environment(env: Mapping[str, str]) -> StaticCredentials | None:

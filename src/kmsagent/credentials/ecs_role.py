@@ -108,6 +108,9 @@ class EcsRamRoleCredentials:
             return True
         return False
 
+    def expiration(self) -> float | None:
+        return self._credentials.expiration if self._credentials is not None else None
+
     def _valid(self) -> Credentials | None:
         credentials = self._credentials
         if credentials is None or credentials.expiration is None or self._clock() >= credentials.expiration:

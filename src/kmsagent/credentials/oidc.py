@@ -32,6 +32,7 @@ class OidcRoleCredentials:
 
     def __init__(self, provider: Any) -> None:
         self._provider = provider
+        self._expiration: float | None = None
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> OidcRoleCredentials:
@@ -57,13 +58,17 @@ class OidcRoleCredentials:
                 answer = await trio.to_thread.run_sync(self._provider.get_credentials, abandon_on_cancel=True)
             except Exception as error:
                 raise UpstreamUnavailable(f"OIDC role credentials unavailable ({type(error).__name__})") from None
+            self._expiration = float(answer.get_expiration()) if answer.get_expiration() else None
             return Credentials(
                 answer.get_access_key_id(),
                 answer.get_access_key_secret(),
                 answer.get_security_token(),
-                float(answer.get_expiration()) if answer.get_expiration() else None,
+                self._expiration,
             )
         raise UpstreamUnavailable("OIDC role credentials unavailable (STS did not answer in time)")
 
     async def rejected(self, credentials: Credentials) -> bool:
         return False  # the SDK provider has no way to force a refresh
+
+    def expiration(self) -> float | None:
+        return self._expiration

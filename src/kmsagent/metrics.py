@@ -1,0 +1,77 @@
+"""Prometheus metrics for `GET /metrics`, with prometheus-client and a registry per agent.
+
+Labels are routes, statuses and outcomes only: never a secret name, a value or a credential.
+Counts that other parts keep anyway (cache entries, evictions, refreshes, open connections,
+credential expiry) are read when scraped, so the hot path pays for nothing it does not already do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: Route labels; anything else a client asks for is counted as "other".
+ROUTES = ("ping", "metrics", "secret", "other")
+KMS_OUTCOMES = ("success", "client_error", "throttled", "server_error", "timeout", "unreachable")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The agent's metrics; `render()` is the body of `GET /metrics`."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "kmsagent_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=self.registry
+        )
+        self.cache_results = Counter(
+            "kmsagent_cache_results", "Secret reads by how the cache answered them.", ["outcome"], registry=self.registry
+        )
+        self.kms_requests = Counter(
+            "kmsagent_kms_requests", "GetSecretValue calls to KMS (each try), by outcome.", ["outcome"], registry=self.registry
+        )
+        self.kms_latency = Histogram(
+            "kmsagent_kms_request_duration_seconds",
+            "Duration of GetSecretValue calls to KMS (each try).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        for outcome in ("hit", "miss", "stale"):
+            self.cache_results.labels(outcome)
+        for outcome in KMS_OUTCOMES:
+            self.kms_requests.labels(outcome)
+
+    def observe_kms(self, outcome: str, seconds: float) -> None:
+        self.kms_requests.labels(outcome).inc()
+        self.kms_latency.observe(seconds)
+
+    def watch(self, name: str, documentation: str, read: Callable[[], float | None], *, counter: bool = False) -> None:
+        """Exports `read()` at every scrape (skipped while it returns None)."""
+        self.registry.register(_Reading(name, documentation, read, counter))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Reading(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], float | None], counter: bool) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+        self._counter = counter
+
+    def collect(self) -> Iterator[Metric]:
+        value = self._read()
+        if value is None:
+            return
+        family = CounterMetricFamily if self._counter else GaugeMetricFamily
+        yield family(self._name, self._documentation, value=value)
+
+    def describe(self) -> Iterator[Metric]:
+        family = CounterMetricFamily if self._counter else GaugeMetricFamily
+        yield family(self._name, self._documentation)
