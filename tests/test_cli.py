@@ -112,6 +112,15 @@ def assert_one_line(text: str) -> None:
     assert "Traceback" not in text
 
 
+@pytest.mark.parametrize(("value", "kept"), [("sdk", False), ("SDK ", False), ("app", True)])
+def test_debug_sdk_is_removed_from_the_environment(value: str, kept: bool) -> None:
+    from kmsagent.cli import scrub_environment
+
+    env = {"DEBUG": value, "PATH": "/bin"}
+    scrub_environment(env)
+    assert ("DEBUG" in env) is kept and env["PATH"] == "/bin"
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"kmsagent {__version__}")

@@ -9,7 +9,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from functools import partial
 from typing import NoReturn
 
@@ -54,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print(dump_config(config), end="")
         return EXIT_OK
-    if os.environ.get("DEBUG", "").lower() == "sdk":
-        del os.environ["DEBUG"]  # it makes darabonba log request headers, signatures included
+    scrub_environment(os.environ)
     try:
         if args.dev:
             return _run_dev(config, config_path)
@@ -66,6 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_FAILURE, str(error))
     finally:
         close_logging()
+
+
+def scrub_environment(env: MutableMapping[str, str]) -> None:
+    """Drops `DEBUG=sdk`: it makes darabonba log request headers, signatures and tokens included."""
+    if env.get("DEBUG", "").strip().lower() == "sdk":
+        del env["DEBUG"]
 
 
 def _run(config: Config, config_path: str | None) -> int:
