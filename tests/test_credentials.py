@@ -166,7 +166,7 @@ async def test_no_credential_value_reaches_a_log_line_at_debug(
     await read_for(lambda: agent.get(SECRET_PATH), seconds=12, every=1)  # failures, then expiry
     metadata.outage = False
     metadata.malformed = True
-    await read_for(lambda: agent.get(SECRET_PATH), seconds=35, every=5)
+    await read_for(lambda: agent.get(SECRET_PATH), seconds=35, every=4)
     assert any("renewed" in line for line in captured_logs)
     assert any("retrying" in line for line in captured_logs)
     text = "\n".join(captured_logs)

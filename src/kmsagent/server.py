@@ -1,9 +1,8 @@
 """Hypercorn's trio HTTP/1.1 protocol behind our own accept loop, bound to loopback only.
 
 Why not `hypercorn.trio.serve`: it has no connection cap (its `backlog` is the kernel's queue),
-so this module owns accepting and counting (SPEC §3's MaxConn, 429, and the `/ping` reserve) and
-reuses hypercorn's per-connection `TCPServer`, fixed so that a connection whose client has gone
-gives its slot back at once (see `_Connection`).
+so this module owns accepting and counting (SPEC §3's MaxConn, 429, and the `/ping` reserve);
+each connection is served by connection.py, hypercorn's protocol on a leaner I/O layer.
 """
 
 from __future__ import annotations
@@ -16,15 +15,14 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import wrap_app
 from loguru import logger
 
 from kmsagent.app import OVER_LIMIT
+from kmsagent.connection import Connection
 
 #: Connections beyond MaxConn that are still read, so `/ping` can answer (SPEC §3).
 PING_RESERVE = 2
@@ -49,42 +47,6 @@ class _OverLimitApp:
     async def __call__(self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any) -> None:
         scope.setdefault("extensions", {})[OVER_LIMIT] = True
         await self._app(scope, receive, send, sync_spawn, call_soon)
-
-
-class _Connection(TCPServer):
-    """Hypercorn's connection handler, made to stop reading once the client is gone.
-
-    In hypercorn 0.18.0, requests pipelined behind one in progress park the read loop on h11's
-    PAUSED state; when the client then hangs up, the failed send never wakes it, and the
-    connection's task (and its slot of the cap) waits forever. A failed send or a close now
-    cancels the read loop. (The idle keep-alive quirk of NOTES.md, a closed idle connection held
-    until `keep_alive_timeout`, did not reproduce with 0.18.0; tests/test_connections.py
-    checks both cases.)
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._reading = trio.CancelScope()
-
-    async def _read_data(self) -> None:
-        with self._reading:
-            await super()._read_data()
-        if self._reading.cancelled_caught:
-            await self.protocol.handle(Closed())
-
-    async def protocol_send(self, event: Event) -> None:
-        if not isinstance(event, RawData):
-            if isinstance(event, Closed):
-                self._reading.cancel()
-            await super().protocol_send(event)
-            return
-        async with self.send_lock:
-            try:
-                with trio.CancelScope(shield=True):
-                    await self.stream.send_all(event.data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._reading.cancel()
-                await self.protocol.handle(Closed())
 
 
 async def bind_loopback(port: int, ipv6: bool) -> list[trio.socket.SocketType]:
@@ -144,6 +106,7 @@ class HttpServer:
         self.slots = ConnectionSlots(max_conn)
         self._context = WorkerContext(None)
         self._lifespan_state: dict[str, Any] = {}
+        self._connections: set[Connection] = set()
         self._refusing = 0
         # Sent without reading the request once even the ping reserve is full.
         self._refusal = (
@@ -175,6 +138,8 @@ class HttpServer:
                     await listener.aclose()
                 # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT.
                 await self._context.terminated.set()
+                for connection in self._connections:
+                    connection.close_if_idle()
                 connections.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
@@ -205,11 +170,15 @@ class HttpServer:
 
     async def _serve_connection(self, stream: trio.SocketStream, over_limit: bool) -> None:
         app = self._over_limit_app if over_limit else self._app
+        state = ConnectionState(self._lifespan_state.copy())
+        connection = Connection(app, self._config, self._context, state, stream)
+        self._connections.add(connection)
         try:
-            await _Connection(app, self._config, self._context, ConnectionState(self._lifespan_state.copy()), stream).run()
+            await connection.run()
         except Exception:  # one broken connection must never take the server down
             logger.exception("connection handler failed")
         finally:
+            self._connections.discard(connection)
             self.slots.release()
 
 
