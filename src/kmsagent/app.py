@@ -1,8 +1,13 @@
 """The HTTP application: request → checks → store (cache → KMS client) → response.
 
-A QuartTrio app whose one handler sees every request: SPEC §3 fixes the check order (connection
-cap, Forwarded, Host and token come before method and path), and Quart's URL map would answer 404
-or 405 before the token check, so routing is done by `checks.check_request` instead.
+A QuartTrio app (its ASGI entry point and lifespan are Quart's) whose HTTP requests all go to one
+handler. SPEC §3 fixes the check order (connection cap, Forwarded, Host and token come before
+method and path), and Quart's URL map would answer 404 or 405 before the token check, so routing
+is `checks.check_request`. The handler is plugged in through Quart's `asgi_http_class`, and works
+on the ASGI scope directly: Quart's per-request machinery (request and app contexts, signals,
+Request and Response objects, a nursery with a body-reading task) serves features the agent does
+not use and cost more than all the rest of a cache hit. A cached secret's body is rendered once,
+so a hit sends two ASGI messages built from bytes already in memory.
 """
 
 from __future__ import annotations
@@ -11,9 +16,6 @@ from typing import Any
 
 import trio
 from loguru import logger
-from quart import Response
-from quart.ctx import RequestContext
-from quart.globals import request_ctx
 from quart_trio import QuartTrio
 
 from kmsagent.checks import SECRETS_MANAGER_PATH, Route, SecretQuery, check_request
@@ -26,7 +28,27 @@ from kmsagent.token import TokenSource
 
 #: Set in the ASGI scope's extensions by the server for connections accepted beyond MaxConn.
 OVER_LIMIT = "kmsagent.over_limit"
-JSON = "application/json"
+Headers = list[tuple[bytes, bytes]]
+JSON = b"application/json"
+SECRET_HEADERS = {
+    outcome: [(b"content-type", JSON), (b"x-kms-agent-cache", outcome.encode()), (b"cache-control", b"no-store")]
+    for outcome in ("hit", "miss", "stale")
+}
+PING = (200, [(b"content-type", b"text/plain")], b"healthy")
+
+
+class _Exchange:
+    """One HTTP request/response over ASGI, in place of Quart's `ASGIHTTPConnection`."""
+
+    def __init__(self, app: AgentApp, scope: dict[str, Any]) -> None:
+        self._app = app
+        self._scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        status, headers, body = await self._app.respond(self._scope)
+        length = (b"content-length", b"%d" % len(body))
+        await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 class AgentApp(QuartTrio):
@@ -48,14 +70,16 @@ class AgentApp(QuartTrio):
         self.response_format = response_format
         self.metrics = metrics
 
-    async def dispatch_request(self, request_context: RequestContext | None = None) -> Response:
-        request = (request_context or request_ctx).request
-        scope = request.scope
+    asgi_http_class = _Exchange  # type: ignore[assignment]
+
+    async def respond(self, scope: dict[str, Any]) -> tuple[int, Headers, bytes]:
+        """Status, headers and body for one request (never raises, but for cancellation)."""
         started = trio.current_time()
         outcome = secret_id = "-"
+        method = scope["method"]
         try:
             target = check_request(
-                method=request.method,
+                method=method,
                 path=scope.get("raw_path") or scope["path"].encode(),
                 query_string=scope.get("query_string", b""),
                 headers=scope["headers"],
@@ -64,39 +88,34 @@ class AgentApp(QuartTrio):
                 token_matches=self.token.matches,
             )
             if target is Route.PING:
-                response = Response("healthy", 200, content_type="text/plain")
+                status, headers, body = PING
             elif target is Route.METRICS:
-                response = Response(self.metrics.render(), 200, content_type=self.metrics.content_type)
+                status, headers, body = 200, [(b"content-type", self.metrics.content_type.encode())], self.metrics.render()
             else:
                 assert isinstance(target, SecretQuery)
                 secret_id = target.secret_id
                 cached, cache_outcome = await self.store.get(target)
                 outcome = cache_outcome.value
                 self.metrics.cache_results.labels(outcome).inc()
-                response = Response(
-                    cached.body,
-                    200,
-                    headers={"X-KMS-Agent-Cache": outcome, "Cache-Control": "no-store"},
-                    content_type=JSON,
-                )
+                status, headers, body = 200, SECRET_HEADERS[outcome], cached.body
         except AgentError as error:
             if error.status >= 500:
                 logger.warning("secret {!r}: {}: {}", secret_id[:200], error.code, error.message)
-            response = self._error_response(error)
+            status, headers, body = self._error(error)
         except Exception:
             logger.exception("unexpected failure serving {}", scope.get("path", "?")[:200])
-            response = self._error_response(AgentError(500, "InternalFailure", "internal error"))
-        self.metrics.requests.labels(self._route_label(scope), str(response.status_code)).inc()
+            status, headers, body = self._error(AgentError(500, "InternalFailure", "internal error"))
+        self.metrics.requests.labels(self._route_label(scope), str(status)).inc()
         logger.debug(
             "{} {} {} cache={} secret={!r} {:.1f}ms",
-            request.method[:16],
+            method[:16],
             scope.get("path", "?")[:200],
-            response.status_code,
+            status,
             outcome,
             secret_id[:200],
             (trio.current_time() - started) * 1000,
         )
-        return response
+        return status, headers, body
 
     def _route_label(self, scope: dict[str, Any]) -> str:
         path = scope.get("raw_path") or b""
@@ -106,10 +125,8 @@ class AgentApp(QuartTrio):
             return "secret"
         return "other"
 
-    def _error_response(self, error: AgentError) -> Response:
-        headers: dict[str, Any] = {}
+    def _error(self, error: AgentError) -> tuple[int, Headers, bytes]:
+        headers = [(b"content-type", JSON)]
         if error.code == "ConnectionLimitExceeded":
-            headers["Connection"] = "close"  # the slot it would hold is one the agent does not have
-        return Response(self.response_format.error(error), error.status, headers=headers, content_type=JSON)
-
-
+            headers.append((b"connection", b"close"))  # the slot it would hold is one the agent does not have
+        return error.status, headers, self.response_format.error(error)
