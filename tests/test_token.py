@@ -61,3 +61,14 @@ async def test_an_emptied_or_missing_file_keeps_the_current_token(tmp_path: Path
 def test_an_unreadable_token_file_is_a_start_error(tmp_path: Path) -> None:
     with pytest.raises(TokenError, match="cannot read token file"):
         TokenSource.from_environment(NAMES, {"KMS_TOKEN": f"file://{tmp_path / 'missing'}"})
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o666, True), (0o640, False), (0o600, False)])
+def test_a_world_readable_token_file_is_warned_about(
+    tmp_path: Path, captured_logs: list[str], mode: int, warned: bool
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("file-token-value")
+    path.chmod(mode)
+    TokenSource.from_environment(NAMES, {"KMS_TOKEN": f"file://{path}"})
+    assert any("every user" in line for line in captured_logs) is warned

@@ -18,6 +18,8 @@ from loguru import logger
 from kmsagent import redact
 
 WATCH_INTERVAL = 1.0
+#: What tells a token file changed (mtime, size, inode, mode); the mode also feeds a warning.
+Stamp = tuple[int, int, int, int]
 
 
 class TokenError(Exception):
@@ -48,7 +50,9 @@ class TokenSource:
                     raise TokenError(f"{name}: cannot read token file {path}: {error.strerror}") from None
                 if not token:
                     raise TokenError(f"{name}: token file {path} is empty")
-                return cls(token, path)
+                source = cls(token, path)
+                _warn_if_loose(path, source._stamp)
+                return source
             if not value.strip():
                 raise TokenError(f"{name} is set but empty")
             return cls(value.strip().encode())
@@ -91,6 +95,7 @@ class TokenSource:
             logger.warning("token file {} is empty, keeping the current token", path)
             return False
         self._stamp = stamp
+        _warn_if_loose(path, stamp)
         redact.remember(token.decode(errors="replace"))
         changed = not hmac.compare_digest(token, self._token)
         self._token = token
@@ -99,13 +104,25 @@ class TokenSource:
         return changed
 
 
+def _warn_if_loose(path: Path, stamp: Stamp | None) -> None:
+    """Any local user who can read the token can read every secret through the agent."""
+    mode = stamp[3] if stamp is not None else 0
+    if mode & 0o006:
+        logger.warning(
+            "token file {} is {} by every user (mode {:o}): make it 0640 with a reader group",
+            path,
+            "writable" if mode & 0o002 else "readable",
+            mode & 0o777,
+        )
+
+
 def _read_token_file(path: Path) -> bytes:
     return path.read_bytes().strip()
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _stamp(path: Path) -> Stamp | None:
     try:
         info = os.stat(path)
     except OSError:
         return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
+    return (info.st_mtime_ns, info.st_size, info.st_ino, info.st_mode)
