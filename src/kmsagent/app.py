@@ -45,10 +45,50 @@ class _Exchange:
         self._scope = scope
 
     async def __call__(self, receive: Any, send: Any) -> None:
+        if not _has_body(self._scope["headers"]):
+            await self._exchange(send)
+            return
+        # hypercorn queues at most 10 body messages for the app, then stops reading: drain them,
+        # or a body larger than that would stall the connection for good.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_discard_body, receive)
+            await self._exchange(send)
+            nursery.cancel_scope.cancel()
+
+    async def _exchange(self, send: Any) -> None:
         status, headers, body = await self._app.respond(self._scope)
         length = (b"content-length", b"%d" % len(body))
         await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _has_body(headers: Headers) -> bool:
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b""))
+        for name, value in headers
+    )
+
+
+async def _discard_body(receive: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+
+
+class _RefuseWebsocket:
+    """A WebSocket handshake gets SPEC §3's checks like any request, then 405: it is not a GET."""
+
+    def __init__(self, app: AgentApp, scope: dict[str, Any]) -> None:
+        self._app = app
+        self._scope = scope
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        status, headers, body = await self._app.respond({**self._scope, "method": "WEBSOCKET"})
+        length = (b"content-length", b"%d" % len(body))
+        await send({"type": "websocket.http.response.start", "status": status, "headers": [*headers, length]})
+        await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
 class AgentApp(QuartTrio):
@@ -71,6 +111,7 @@ class AgentApp(QuartTrio):
         self.metrics = metrics
 
     asgi_http_class = _Exchange  # type: ignore[assignment]
+    asgi_websocket_class = _RefuseWebsocket  # type: ignore[assignment]
 
     async def respond(self, scope: dict[str, Any]) -> tuple[int, Headers, bytes]:
         """Status, headers and body for one request (never raises, but for cancellation)."""

@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import trio
 from hypercorn.config import Config as HypercornConfig
+import h11
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
@@ -32,6 +33,23 @@ SEND_TIMEOUT = 10.0
 #: Responses are flushed when done; a larger buffer is flushed early.
 FLUSH_SIZE = 2**16
 _INFORMATIONAL = b"HTTP/1.1 1"
+
+
+class _Http11Only(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol without its ways out of HTTP/1.1, and with 4xx for bad framing.
+
+    SPEC §3 is HTTP/1.1: an `Upgrade: h2c` or an HTTP/2 preface would move the connection to
+    HTTP/2, where one connection carries many requests (MaxConn no longer bounds them) and the
+    idle deadline is never re-armed. Here they are plain HTTP/1.1 requests that the checks refuse.
+    h11 hints 501 for a Transfer-Encoding it does not implement; a client's malformed request is a
+    client error, and the agent answers no 5xx to one.
+    """
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        return None
+
+    async def _send_error_response(self, status_code: int) -> None:
+        await super()._send_error_response(400 if status_code >= 500 else status_code)
 
 
 class Connection:
@@ -53,29 +71,32 @@ class Connection:
         self._buffer: list[bytes] = []
         self._send_lock = trio.Lock()
         self._reading = trio.CancelScope(deadline=trio.current_time() + config.keep_alive_timeout)
+        self._exchanges = trio.CancelScope()
         self.idle = True
-        self._protocol: ProtocolWrapper
+        self._protocol: _Http11Only
 
     async def run(self) -> None:
         socket = self._stream.socket
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
-            async with TaskGroup() as task_group:
-                self._protocol = ProtocolWrapper(
-                    self._app,
-                    self._config,
-                    self._context,
-                    task_group,
-                    self._state,
-                    False,
-                    client,
-                    server,
-                    self._protocol_send,
-                    "http/1.1",
-                )
-                await self._protocol.initiate()
-                await self._read()
+            # A client that hangs up mid-request cancels it, so its slot of the cap comes back at
+            # once rather than when a slow KMS answers (the load itself goes on for the cache).
+            with self._exchanges:
+                async with TaskGroup() as task_group:
+                    self._protocol = _Http11Only(
+                        self._app,
+                        self._config,
+                        self._context,
+                        task_group,
+                        self._state,
+                        False,
+                        client,
+                        server,
+                        self._protocol_send,
+                    )
+                    await self._protocol.initiate()
+                    await self._read()
         except OSError:
             pass
         finally:
@@ -93,9 +114,11 @@ class Connection:
                     data = await self._stream.receive_some(MAX_RECEIVE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     break
-                await self._protocol.handle(RawData(data))
                 if not data:
+                    if not self.idle:
+                        self._exchanges.cancel()
                     break
+                await self._protocol.handle(RawData(data))
         await self._protocol.handle(Closed())
 
     async def _protocol_send(self, event: Event) -> None:
@@ -109,16 +132,12 @@ class Connection:
             self.idle = event.idle
             self._reading.deadline = trio.current_time() + self._config.keep_alive_timeout if event.idle else math.inf
         elif isinstance(event, Closed):
-            await self._flush()
             self._reading.cancel()
-            with trio.move_on_after(SEND_TIMEOUT):
-                try:
-                    await self._stream.send_eof()  # the client reads to the end, then sees the close
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                    pass
+            await self._flush(eof=True)  # the client reads to the end, then sees the close
 
-    async def _flush(self) -> None:
-        if not self._buffer:
+    async def _flush(self, *, eof: bool = False) -> None:
+        """Sends what is buffered (and with `eof`, half-closes), one task at a time."""
+        if not self._buffer and not eof:
             return
         data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
         self._buffer.clear()
@@ -128,7 +147,10 @@ class Connection:
         with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT) as sending:
             async with self._send_lock:
                 try:
-                    await self._stream.send_all(data)
+                    if data:
+                        await self._stream.send_all(data)
+                    if eof:
+                        await self._stream.send_eof()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._reading.cancel()
         if sending.cancelled_caught:

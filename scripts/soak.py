@@ -1,0 +1,487 @@
+"""Soak test (not CI): the agent in-process on the real clock against the KMS and metadata emulators.
+
+For N minutes: a few hundred secrets, K client tasks reading random secrets over keep-alive HTTP
+and checking every value against what the emulator held, secrets rotating and new ones appearing
+on a schedule, KMS faults (500, 503, throttling, dropped connections, answers slower than
+ReadTimeoutMs) and metadata-service outages switched on and off in recorded windows, and STS
+credentials short-lived enough to be renewed several times.
+
+A 200's value is right when it is a version of the requested secret that was current at some
+moment in [request start - TtlSeconds - margin, response end]; a `stale` answer may be any
+earlier version (serving the last value during an outage is the point; MaxStaleSeconds = 0 means
+no bound). A 5xx (or other non-200) is expected only while a fault window is open, or within the
+grace after it that a KMS call already under way needs to finish (all tries plus back-off).
+
+Exit status 1 on any wrong value, any unexpected non-200, or a transport error; else 0.
+Logs go to a file (--log), the summary to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import logging
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+
+import trio
+from loguru import logger
+
+from kmsagent.agent import run_agent
+from kmsagent.config import CacheConfig, Config, CredentialsConfig, KmsConfig, ServerConfig
+from kmsagent.credentials import Credentials, StaticCredentials
+from kmsagent.credentials.ecs_role import EcsRamRoleCredentials
+from kmsagent.emulator import Fault, KmsEmulator, MetadataEmulator
+from kmsagent.token import TokenSource
+
+TOKEN = "soak-token-Vq3n8Rk2"
+AK_ID, AK_SECRET = "LTAIsoakAccessKey01", "soak-AccessKeySecret-Wm4z"
+TTL = 30
+CONNECT_TIMEOUT_MS, READ_TIMEOUT_MS, MAX_RETRIES = 500, 1000, 2
+#: Seconds a fresh (hit/miss) answer may lag a rotation beyond TtlSeconds: the load's own duration.
+MARGIN = 2.0
+#: STS credentials from the metadata emulator live this long and are renewed this long before expiry.
+STS_LIFETIME, RENEW_BEFORE = 60, 40
+KINDS = ("kms_500", "kms_503", "throttling", "dropped", "slow", "metadata_outage")
+
+
+class Closed(Exception):
+    """The agent closed the connection before a whole response arrived."""
+
+
+class RawClient:
+    """One keep-alive HTTP/1.1 connection to the agent (httpx costs more CPU than the agent here)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def get(self, path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-KMS-Token: {TOKEN}\r\n\r\n".encode()
+        try:
+            await self.stream.send_all(request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            raise Closed(str(error)) from None
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.split(b"\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+        while len(self.buffer) < length:
+            await self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(status_line.split()[1]), headers, body
+
+    async def _fill(self) -> None:
+        try:
+            chunk = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            raise Closed(str(error)) from None
+        if not chunk:
+            raise Closed("end of stream")
+        self.buffer += chunk
+
+
+@dataclass
+class Version:
+    value: str
+    put_at: float  # trio.current_time() when it became current
+
+
+@dataclass
+class Window:
+    kind: str
+    start: float
+    end: float
+    requests: int = 0
+    stale: int = 0
+    errors: int = 0
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    by_cache: Counter[str] = field(default_factory=Counter)
+    wrong: int = 0
+    wrong_examples: list[str] = field(default_factory=list)
+    errors_in: Counter[int] = field(default_factory=Counter)  # non-200 inside a window (+grace)
+    errors_out: Counter[int] = field(default_factory=Counter)  # non-200 anywhere else: unexpected
+    transport_errors: int = 0
+    transport_examples: list[str] = field(default_factory=list)
+    stale_in: int = 0
+    stale_out: int = 0
+    stale_older_than_ttl: int = 0
+    rotations: int = 0
+    created: int = 0
+    latencies: array.array = field(default_factory=lambda: array.array("f"))
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.duration = args.seconds if args.seconds is not None else args.minutes * 60
+        self.kms = KmsEmulator(clock=time.time)
+        self.kms.add_credentials(AK_ID, AK_SECRET)
+        self.metadata = MetadataEmulator(self.kms, lifetime=STS_LIFETIME) if args.metadata else None
+        self.history: dict[str, list[Version]] = {}
+        self.index: dict[str, dict[str, int]] = {}  # secret -> value -> position in history
+        self.names: list[str] = []
+        self.new_names: list[str] = []  # created during the run, read now and then
+        self.windows: list[Window] = []
+        self.stats = Stats()
+        attempt = (CONNECT_TIMEOUT_MS + READ_TIMEOUT_MS) / 1000
+        backoff = sum(0.2 * 2**n for n in range(MAX_RETRIES))
+        #: After a window closes, how long a KMS call begun inside it may still fail: every try,
+        #: every back-off, and one more attempt's worth for the queue of MaxConcurrentRequests.
+        self.grace = (MAX_RETRIES + 2) * attempt + backoff + 1.0
+        self.credentials = None
+
+    # --- secrets ---------------------------------------------------------------------------
+
+    def _put(self, name: str) -> None:
+        versions = self.history.setdefault(name, [])
+        value = f"{name}|v{len(versions)}|{random.getrandbits(48):012x}"
+        if versions:
+            self.kms.rotate(name, value)
+        else:
+            self.kms.put_secret(name, value)
+        self.index.setdefault(name, {})[value] = len(versions)
+        versions.append(Version(value, trio.current_time()))
+
+    async def rotate_on_schedule(self, interval: float) -> None:
+        while True:
+            await trio.sleep(random.uniform(0.5, 1.5) * interval)
+            self._put(random.choice(self.names))
+            self.stats.rotations += 1
+
+    async def create_on_schedule(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            name = f"soak/new-{len(self.new_names):04d}"
+            self._put(name)
+            self.new_names.append(name)
+            self.stats.created += 1
+
+    # --- faults ----------------------------------------------------------------------------
+
+    def kinds(self) -> list[str]:
+        return [kind for kind in KINDS if kind != "metadata_outage" or self.metadata is not None]
+
+    def _switch(self, kind: str, on: bool) -> None:
+        if kind == "metadata_outage":
+            assert self.metadata is not None
+            self.metadata.outage = on
+            return
+        if not on:
+            self.kms.clear_faults()
+            return
+        fault = {
+            "kms_500": Fault.server_error(),
+            "kms_503": Fault.unavailable(),
+            "throttling": Fault.throttling(),
+            "dropped": Fault(drop=True),
+            "slow": Fault(delay=READ_TIMEOUT_MS / 1000 + 0.5),
+        }[kind]
+        self.kms.inject(fault)
+
+    async def faults_on_schedule(self, start: float, end: float) -> None:
+        """Windows of `length` s separated by healthy gaps of 1.5 × length, kinds in turn."""
+        length = min(20.0, max(3.0, self.duration / 16.5))  # a 60 s run fits one window of each kind
+        gap = 1.5 * length
+        kinds = self.kinds()
+        at = start + gap
+        turn = 0
+        while at + length + gap / 2 <= end:
+            await trio.sleep_until(at)
+            kind = kinds[turn % len(kinds)]
+            window = Window(kind, trio.current_time(), float("inf"))
+            self.windows.append(window)
+            self._switch(kind, True)
+            await trio.sleep(length)
+            self._switch(kind, False)
+            window.end = trio.current_time()
+            at += length + gap
+            turn += 1
+
+    def _window_of(self, started: float, ended: float) -> Window | None:
+        for window in self.windows:
+            if started <= window.end + self.grace and ended >= window.start:
+                return window
+        return None
+
+    # --- readers ---------------------------------------------------------------------------
+
+    def _pick(self) -> str:
+        if self.new_names and random.random() < 0.02:
+            return random.choice(self.new_names[-5:])
+        return random.choice(self.names)
+
+    async def reader(self, port: int, until: float) -> None:
+        client: RawClient | None = None
+        pause = self.args.pause_ms / 1000
+        while trio.current_time() < until:
+            name = self._pick()
+            started = trio.current_time()
+            try:
+                if client is None:
+                    client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+                with trio.fail_after(60):
+                    status, headers, body = await client.get(f"/secretsmanager/get?secretId={name}")
+            except (Closed, OSError, trio.TooSlowError) as error:
+                self.stats.transport_errors += 1
+                if len(self.stats.transport_examples) < 5:
+                    self.stats.transport_examples.append(f"{name}: {type(error).__name__}: {error}")
+                if client is not None:
+                    await trio.aclose_forcefully(client.stream)
+                client = None
+                continue
+            ended = trio.current_time()
+            self._check(name, started, ended, status, headers, body)
+            if headers.get(b"connection", b"").lower() == b"close":
+                await trio.aclose_forcefully(client.stream)
+                client = None
+            await trio.sleep(random.uniform(0, 2 * pause))
+        if client is not None:
+            await trio.aclose_forcefully(client.stream)
+
+    def _check(self, name: str, started: float, ended: float, status: int, headers: dict, body: bytes) -> None:
+        stats = self.stats
+        stats.requests += 1
+        stats.latencies.append(ended - started)
+        window = self._window_of(started, ended)
+        if window is not None:
+            window.requests += 1
+        if status != 200:
+            if window is not None:
+                window.errors += 1
+                stats.errors_in[status] += 1
+            else:
+                stats.errors_out[status] += 1
+                if len(stats.wrong_examples) < 10:
+                    stats.wrong_examples.append(f"unexpected {status} for {name} at {started - self.t0:.1f}s: {body[:120]!r}")
+            return
+        cache = headers.get(b"x-kms-agent-cache", b"?").decode()
+        stats.by_cache[cache] += 1
+        problem = self._verify(name, started, ended, cache, body)
+        if problem is not None:
+            stats.wrong += 1
+            if len(stats.wrong_examples) < 10:
+                stats.wrong_examples.append(f"WRONG {name} at {started - self.t0:.1f}s ({cache}): {problem}")
+        if cache == "stale":
+            if window is not None:
+                window.stale += 1
+                stats.stale_in += 1
+            else:
+                stats.stale_out += 1
+
+    def _verify(self, name: str, started: float, ended: float, cache: str, body: bytes) -> str | None:
+        try:
+            document = json.loads(body)
+            returned_name, value = document["SecretName"], document["SecretData"]
+        except (ValueError, KeyError, TypeError):
+            return f"not a secret body: {body[:80]!r}"
+        if returned_name != name:
+            return f"SecretName {returned_name!r}"
+        position = self.index[name].get(value)
+        if position is None:
+            return "a value that was never a version of this secret"
+        versions = self.history[name]
+        if versions[position].put_at > ended:
+            return "a version from the future"
+        if position + 1 < len(versions):
+            superseded = versions[position + 1].put_at
+            if superseded < started - TTL - MARGIN:
+                if cache != "stale":
+                    return f"v{position}, superseded {started - superseded:.1f}s before the request ({cache})"
+                self.stats.stale_older_than_ttl += 1
+        return None
+
+    # --- run -------------------------------------------------------------------------------
+
+    async def connections_open(self, port: int) -> int | None:
+        """`kmsagent_connections_open` from /metrics (which counts its own connection)."""
+        client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+        try:
+            try:
+                status, _, body = await client.get("/metrics")
+            except Closed:
+                return None
+            if status != 200:
+                return None
+        finally:
+            await trio.aclose_forcefully(client.stream)
+        for line in body.decode().splitlines():
+            if line.startswith("kmsagent_connections_open "):
+                return int(float(line.split()[1]))
+        return None
+
+    async def progress(self, every: float) -> None:
+        while True:
+            await trio.sleep(every)
+            s = self.stats
+            errors = sum(s.errors_in.values()) + sum(s.errors_out.values())
+            print(
+                f"[{trio.current_time() - self.t0:5.0f}s] requests {s.requests} wrong {s.wrong} non-200 {errors} "
+                f"stale {s.by_cache['stale']} KMS calls {self.kms.call_count()} rotations {s.rotations}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def run(self) -> int:
+        self.t0 = trio.current_time()
+        for i in range(self.args.secrets):
+            self._put(f"soak/s{i:04d}")
+        self.names = list(self.history)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.kms.serve)
+            if self.metadata is not None:
+                await nursery.start(self.metadata.serve)
+                credentials_config = CredentialsConfig(
+                    type="ecs_ram_role", metadata_endpoint=self.metadata.endpoint, renew_before_seconds=RENEW_BEFORE
+                )
+                self.credentials = EcsRamRoleCredentials(credentials_config, clock=time.time)
+            else:
+                self.credentials = StaticCredentials(Credentials(AK_ID, AK_SECRET), "soak")
+            config = Config(
+                server=ServerConfig(http_port=0),
+                cache=CacheConfig(ttl_seconds=TTL, max_stale_seconds=0),
+                kms=KmsConfig(
+                    endpoint=self.kms.endpoint,
+                    protocol="http",
+                    connect_timeout_ms=CONNECT_TIMEOUT_MS,
+                    read_timeout_ms=READ_TIMEOUT_MS,
+                    max_retries=MAX_RETRIES,
+                ),
+                credentials=CredentialsConfig(type="ecs_ram_role" if self.metadata else "access_key"),
+            )
+            stop = trio.Event()
+            port = await nursery.start(
+                partial(
+                    run_agent,
+                    config,
+                    token=TokenSource(TOKEN.encode()),
+                    credentials=self.credentials,
+                    shutdown=stop.wait,
+                    clock=time.time,
+                )
+            )
+            start = self.start = trio.current_time()
+            end = start + self.duration
+            async with trio.open_nursery() as background:
+                background.start_soon(self.rotate_on_schedule, self.args.rotate_every)
+                background.start_soon(self.create_on_schedule, 3.0)
+                background.start_soon(self.faults_on_schedule, start, end)
+                background.start_soon(self.progress, max(10.0, self.duration / 10))
+                async with trio.open_nursery() as readers:
+                    for _ in range(self.args.clients):
+                        readers.start_soon(self.reader, port, end)
+                background.cancel_scope.cancel()
+            self.kms.clear_faults()
+            open_at_end = None
+            with trio.move_on_after(5):
+                while (open_at_end := await self.connections_open(port)) != 1:
+                    await trio.sleep(0.1)
+            self.elapsed = trio.current_time() - start
+            stop.set()
+            nursery.cancel_scope.cancel()  # the emulators serve until cancelled
+        return self.summary(open_at_end)
+
+    def outside_seconds(self) -> float:
+        """Seconds of the run not covered by any window plus its grace."""
+        covered, reach = 0.0, self.start
+        for window in self.windows:
+            begin, finish = max(window.start, reach), min(window.end + self.grace, self.start + self.elapsed)
+            if finish > begin:
+                covered += finish - begin
+                reach = finish
+        return self.elapsed - covered
+
+    def summary(self, open_at_end: int | None) -> int:
+        s = self.stats
+        latencies = sorted(s.latencies)
+
+        def pct(p: float) -> str:
+            return f"{latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000:.1f} ms" if latencies else "-"
+
+        calls = self.kms.calls
+        failed_calls = sum(1 for call in calls if call.status != 200)
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        unexpected = sum(s.errors_out.values())
+        five_in = sum(n for status, n in s.errors_in.items() if status >= 500)
+        five_out = sum(n for status, n in s.errors_out.items() if status >= 500)
+        failed = s.wrong > 0 or unexpected > 0 or s.transport_errors > 0 or open_at_end != 1
+        renewals = "-"
+        if self.metadata is not None:
+            fetches = self.credentials.fetches
+            renewals = f"{fetches - 1} (STS lifetime {STS_LIFETIME}s, renewed {RENEW_BEFORE}s before expiry)"
+        lines = [
+            f"kmsagent soak {time.strftime('%Y-%m-%d %H:%M')}: {self.elapsed:.0f}s real clock, "
+            f"{self.args.secrets} secrets (+{s.created} created), {self.args.clients} clients, "
+            f"TTL {TTL}s, MaxStale 0, ReadTimeout {READ_TIMEOUT_MS}ms, MaxRetries {MAX_RETRIES}",
+            f"requests served      {s.requests} ({s.requests / self.elapsed:.0f}/s; p50 {pct(0.5)}, "
+            f"p99 {pct(0.99)}, max {pct(1.0)}); hit {s.by_cache['hit']}, miss {s.by_cache['miss']}, "
+            f"stale {s.by_cache['stale']}",
+            f"wrong values         {s.wrong}",
+            f"5xx outside windows  {five_out} (grace {self.grace:.1f}s after each window; "
+            f"{self.outside_seconds():.0f}s of the run were outside)",
+            f"5xx inside windows   {five_in}{by_status(s.errors_in, True)}",
+            f"other non-200        outside {unexpected - five_out}{by_status(s.errors_out, False)}, "
+            f"inside {sum(s.errors_in.values()) - five_in}{by_status(s.errors_in, False)}",
+            f"transport errors     {s.transport_errors}",
+            f"stale answers        {s.by_cache['stale']} (in windows+grace {s.stale_in}, after {s.stale_out}; "
+            f"older than TTL {s.stale_older_than_ttl})",
+            f"rotations            {s.rotations}",
+            f"KMS calls            {len(calls)} ({failed_calls} faulted or refused)",
+            f"credential renewals  {renewals}",
+            f"connections at end   {open_at_end} (the /metrics request's own)",
+            f"peak RSS             {peak_rss:.0f} MB",
+            f"fault windows        {len(self.windows)} (requests / stale / non-200 counted to end + grace):",
+        ]
+        lines += [
+            f"  {f'{w.start - self.t0:.0f}-{w.end - self.t0:.0f}s':>10} {w.kind:<16} {w.requests:>7} / {w.stale:>5} / {w.errors:>4}"
+            for w in self.windows
+        ]
+        lines += [f"  ! {example}" for example in s.wrong_examples + s.transport_examples]
+        lines.append(f"RESULT               {'FAIL' if failed else 'PASS'}")
+        print("\n".join(lines), flush=True)
+        return 1 if failed else 0
+
+
+def by_status(counts: Counter[int], server_errors: bool) -> str:
+    chosen = {status: n for status, n in sorted(counts.items()) if (status >= 500) == server_errors}
+    return " (" + ", ".join(f"{status}: {n}" for status, n in chosen.items()) + ")" if chosen else ""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--seconds", type=float, help="overrides --minutes (quick runs)")
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--secrets", type=int, default=300)
+    parser.add_argument("--pause-ms", type=float, default=50, help="mean pause between a client's requests")
+    parser.add_argument("--rotate-every", type=float, default=0.25, help="mean seconds between rotations")
+    parser.add_argument("--no-metadata", dest="metadata", action="store_false", help="static keys, no renewals")
+    parser.add_argument("--log", default=f"/tmp/soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    args = parser.parse_args()
+    logger.remove()
+    logger.add(args.log, level="INFO", backtrace=False, diagnose=False)
+    logging.basicConfig(filename=args.log, level=logging.WARNING, force=True)
+    print(f"soak: logs in {args.log}", file=sys.stderr, flush=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return trio.run(Soak(args).run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
