@@ -22,6 +22,7 @@ import trio
 
 from kmsagent import __version__
 from kmsagent.emulator import KmsEmulator
+from test_cli import read_lines_until
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "/usr/local/alibabacloudkmsagent"
@@ -250,19 +251,6 @@ def test_the_token_writer_fails_without_its_group(staged: Tree, tmp_path: Path) 
 
 
 # --- the agent from the staged tree ---------------------------------------------------------
-
-
-async def read_lines_until(process: trio.Process, marker: str, timeout: float = 20) -> list[str]:
-    assert process.stdout is not None
-    buffer, lines = b"", []
-    with trio.fail_after(timeout):
-        while not any(marker in line for line in lines):
-            chunk = await process.stdout.receive_some(4096)
-            assert chunk, f"agent exited before {marker!r}: {lines}"
-            buffer += chunk
-            *complete, buffer = buffer.split(b"\n")
-            lines += [line.decode() for line in complete]
-    return lines
 
 
 async def test_the_units_command_serves_secrets_from_the_staged_tree(

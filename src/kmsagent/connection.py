@@ -8,18 +8,21 @@ that the protocol's idle/busy events move, and a response is buffered and leaves
 when the protocol has finished it. The protocol itself (`ProtocolWrapper`, h11) and the app
 (Quart-trio) are hypercorn's and Quart's, unchanged.
 
-It also ends the connection as soon as the client is gone: in hypercorn 0.18.0, requests
-pipelined behind one in progress park the read loop on h11's PAUSED state, and when the client
-then hangs up the failed send never wakes it, so the connection (and its slot of the cap)
-waited forever. A failed send here cancels the read.
+It also ends the connection as soon as the client is gone, so the slot of the cap comes back:
+- in hypercorn 0.18.0, requests pipelined behind one in progress park the read loop on h11's
+  PAUSED state, and when the client then hangs up the failed send never wakes it, so the
+  connection waited forever; a failed send here cancels the read;
+- a client that hangs up while its request waits (on a slow KMS) cancels that request; the KMS
+  load goes on in the cache's nursery. TCP cannot tell this from a client that only half-closed,
+  which therefore gets a close instead of a late answer.
 """
 
 from __future__ import annotations
 
 import math
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
-import h11
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
@@ -141,9 +144,9 @@ class Connection:
             return
         data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
         self._buffer.clear()
-        # Shielded: the last flush of a response runs in the app's task, which Quart-trio cancels
-        # as soon as hypercorn reports the stream closed, and that is the moment we flush.
-        # Bounded: a client that stopped reading cannot hold the task forever.
+        # Shielded: a response is flushed whole even from a task being cancelled (the server is
+        # stopping, a request body is being discarded). Bounded: a client that stopped reading
+        # cannot hold the task forever.
         with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT) as sending:
             async with self._send_lock:
                 try:
