@@ -88,7 +88,12 @@ def median(results: list[Result]) -> Result:
 
 def measure(url: str, token: str, seconds: int) -> dict[int, Result]:
     print(f"measuring {url}", file=sys.stderr, flush=True)
-    return {c: median([wrk(url, c, seconds, token) for _ in range(RUNS)]) for c in CONNECTIONS}
+    results: dict[int, list[Result]] = {c: [] for c in CONNECTIONS}
+    for connections in CONNECTIONS:
+        for _ in range(RUNS):
+            results[connections].append(wrk(url, connections, seconds, token))
+            time.sleep(1)  # the server closes the last run's connections before the next run opens its own
+    return {c: median(runs) for c, runs in results.items()}
 
 
 def start_kmsagent(folder: Path, extra_secrets: int = 0) -> tuple[subprocess.Popen[str], str, str, float]:

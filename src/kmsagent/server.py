@@ -49,20 +49,21 @@ class _OverLimitApp:
         await self._app(scope, receive, send, sync_spawn, call_soon)
 
 
-async def bind_loopback(port: int, ipv6: bool) -> list[trio.socket.SocketType]:
+def bind_loopback(port: int, ipv6: bool) -> list[socket.socket]:
     """Listening sockets on 127.0.0.1 (and [::1]) only; port 0 picks one free port for both."""
     addresses = [(socket.AF_INET, "127.0.0.1")] + ([(socket.AF_INET6, "::1")] if ipv6 else [])
-    sockets: list[trio.socket.SocketType] = []
+    sockets: list[socket.socket] = []
     try:
         for family, host in addresses:
-            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind((host, port))
+            sock.bind((host, port))
             port = sock.getsockname()[1]
-            sock.listen(1024)
+            sock.listen(4096)
+            sock.setblocking(False)
     except OSError as error:
         for sock in sockets:
             sock.close()
@@ -121,21 +122,20 @@ class HttpServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accepts until `shutdown()` returns, then lets open requests finish (bounded) and exits."""
-        sockets = await bind_loopback(self._port, self._ipv6)
-        listeners = [trio.SocketListener(sock) for sock in sockets]
+        sockets = bind_loopback(self._port, self._ipv6)
         lifespan = Lifespan(self._app, self._config, self._lifespan_state)
         async with trio.open_nursery() as lifespan_nursery:
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(self._accept_loop, listener, connections)
+                    for sock in sockets:
+                        accepting.start_soon(self._accept_loop, sock, connections)
                     task_status.started(sockets[0].getsockname()[1])
                     await shutdown()
                     accepting.cancel_scope.cancel()
-                for listener in listeners:
-                    await listener.aclose()
+                for sock in sockets:
+                    sock.close()
                 # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT.
                 await self._context.terminated.set()
                 for connection in self._connections:
@@ -144,22 +144,35 @@ class HttpServer:
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
 
-    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+    async def _accept_loop(self, sock: socket.socket, connections: trio.Nursery) -> None:
+        """Accepts every pending connection each time the socket is readable.
+
+        trio's `SocketListener.accept` takes one connection per turn of the scheduler; under load
+        a turn takes tens of milliseconds, and 800 clients connecting at once waited seconds to
+        be accepted (wrk counted their first requests as timeouts). Draining the backlog fixes it.
+        """
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as error:  # EMFILE and friends: back off instead of spinning
-                logger.warning("accept failed: {}", error.strerror)
-                await trio.sleep(0.1)
-                continue
-            over_limit = self.slots.admit()
-            if over_limit is None:
-                if self._refusing < MAX_REFUSING:
-                    connections.start_soon(self._refuse, stream)
-                else:
-                    await trio.aclose_forcefully(stream)
+            await trio.lowlevel.wait_readable(sock)
+            while True:
+                try:
+                    client, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as error:  # EMFILE and friends: back off instead of spinning
+                    logger.warning("accept failed: {}", error.strerror)
+                    await trio.sleep(0.1)
+                    break
+                self._admit(trio.SocketStream(trio.socket.from_stdlib_socket(client)), connections)
+
+    def _admit(self, stream: trio.SocketStream, connections: trio.Nursery) -> None:
+        over_limit = self.slots.admit()
+        if over_limit is None:
+            if self._refusing < MAX_REFUSING:
+                connections.start_soon(self._refuse, stream)
             else:
-                connections.start_soon(self._serve_connection, stream, over_limit)
+                stream.socket.close()
+        else:
+            connections.start_soon(self._serve_connection, stream, over_limit)
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         self._refusing += 1
