@@ -18,7 +18,6 @@ from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
 from kmsagent.formats import response_format
 from kmsagent.kms import KmsClient
-from kmsagent.logs import configure_logging
 from kmsagent.metrics import Metrics
 from kmsagent.refresher import Refresher
 from kmsagent.reload import reload_on_sighup
@@ -80,16 +79,12 @@ async def run_agent(
         )
 
         def apply(reloaded: Config) -> None:
-            nonlocal config
             app.agent_config = reloaded.server
             cache.configure(
                 ttl=reloaded.cache.ttl_seconds,
                 serve_stale=reloaded.server.ignore_transient_errors,
                 max_stale=reloaded.cache.max_stale_seconds or None,
             )
-            if reloaded.log != config.log:
-                configure_logging(reloaded.log)
-            config = reloaded
 
         nursery.start_soon(token.watch)
         nursery.start_soon(credentials.run)

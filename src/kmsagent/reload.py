@@ -16,6 +16,7 @@ import trio
 from loguru import logger
 
 from kmsagent.config import Config, ConfigError, differences, load_config
+from kmsagent.logs import configure_logging
 
 LIVE_KEYS = frozenset(
     {
@@ -45,7 +46,8 @@ def live_part(running: Config, loaded: Config) -> Config:
 
 
 async def reload_on_sighup(path: str | Path, running: Config, apply: Callable[[Config], None]) -> None:
-    """Runs until cancelled; `apply` receives the new effective config after each valid reload."""
+    """Runs until cancelled; `apply` receives the new effective config after each valid reload
+    (logging is reconfigured here, off the trio thread)."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
             try:
@@ -57,8 +59,10 @@ async def reload_on_sighup(path: str | Path, running: Config, apply: Callable[[C
             if not changed:
                 logger.info("SIGHUP: {} unchanged", path)
                 continue
-            running = live_part(running, loaded)
+            previous_log, running = running.log, live_part(running, loaded)
             apply(running)
+            if running.log != previous_log:  # re-creating sinks joins their writer threads
+                await trio.to_thread.run_sync(configure_logging, running.log)
             for section, key, before, after in changed:
                 if (section, key) in LIVE_KEYS or section == "Log":
                     logger.info("SIGHUP: [{}] {} {!r} -> {!r}", section, key, before, after)
