@@ -4,7 +4,7 @@
 (b) a minimal QuartTrio app with the same route and body size on stock `hypercorn.trio.serve`;
 (c) nginx serving the same bytes (when `nginx` is installed).
 At 1, 50 and 800 connections: req/s, p50, p99, errors and timeouts (wrk --timeout 2s), the median
-of `RUNS` runs, and the ratios (a)/(b), (a)/(c). Then, for kmsagent: RSS with 1000 cached 4 KB
+of `RUNS` runs ($BENCH_RUNS, default 3), and the ratios (a)/(b), (a)/(c). Then, for kmsagent: RSS with 1000 cached 4 KB
 secrets, time from process start to the first 200, and KMS calls for 100 concurrent cold reads of
 one secret. Prints a Markdown report (scripts/bench writes it to docs/benchmarks.md).
 """
@@ -12,6 +12,7 @@ one secret. Prints a Markdown report (scripts/bench writes it to docs/benchmarks
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -29,7 +30,7 @@ import httpx
 import trio
 
 CONNECTIONS = (1, 50, 800)
-RUNS = 3
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 ROUTE = "/secretsmanager/get?secretId=bench/4k"
 SECRET_4K = json.dumps({"key": "k" * 4000})[:4096]
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,17 @@ def measure(url: str, token: str, seconds: int) -> dict[int, Result]:
             results[connections].append(wrk(url, connections, seconds, token))
             time.sleep(1)  # the server closes the last run's connections before the next run opens its own
     return {c: median(runs) for c, runs in results.items()}
+
+
+def measure_server(command: list[str], port: int, token: str, seconds: int) -> dict[int, Result]:
+    """Starts a baseline server, measures it, and stops it."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}{ROUTE}", {})
+        return measure(f"http://127.0.0.1:{port}{ROUTE}", token, seconds)
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def start_kmsagent(folder: Path, extra_secrets: int = 0) -> tuple[subprocess.Popen[str], str, str, float]:
@@ -198,26 +210,14 @@ def main(seconds: int) -> None:
             agent.wait(10)
         port = free_port()
         (folder / "baseline.py").write_text(BASELINE)
-        baseline = subprocess.Popen([sys.executable, str(folder / "baseline.py"), str(port), str(folder / "secret.json")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(f"http://127.0.0.1:{port}{ROUTE}", {})
-            rows["(b) QuartTrio on stock hypercorn"] = measure(f"http://127.0.0.1:{port}{ROUTE}", token, seconds)
-        finally:
-            baseline.terminate()
-            baseline.wait(10)
+        baseline = [sys.executable, str(folder / "baseline.py"), str(port), str(folder / "secret.json")]
+        rows["(b) QuartTrio on stock hypercorn"] = measure_server(baseline, port, token, seconds)
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
         if nginx:
             port = free_port()
             (folder / "nginx.conf").write_text(NGINX.format(folder=folder, port=port))
-            server = subprocess.Popen([nginx, "-c", str(folder / "nginx.conf"), "-p", str(folder)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_for(f"http://127.0.0.1:{port}{ROUTE}", {})
-                rows["(c) nginx"] = measure(f"http://127.0.0.1:{port}{ROUTE}", token, seconds)
-            finally:
-                server.terminate()
-                server.wait(10)
+            command = [nginx, "-c", str(folder / "nginx.conf"), "-p", str(folder)]
+            rows["(c) nginx"] = measure_server(command, port, token, seconds)
         # kmsagent's footprint, start-up and single flight.
         agent, base, token, started = start_kmsagent(folder, extra_secrets=1000)
         try:
