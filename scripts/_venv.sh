@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts: makes ./.venv with the package (editable) and its test extras.
 # Re-installs only when pyproject.toml changed since the last install.
 set -euo pipefail
@@ -11,6 +12,6 @@ venv="$root/.venv"
 stamp="$venv/.installed-$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${root}[test]"
   rm -f "$venv"/.installed-* && touch "$stamp"
 fi
