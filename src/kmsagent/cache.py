@@ -51,8 +51,7 @@ class Entry(Generic[V]):
     read: bool = False
     failures: int = 0
     retry_at: float = 0.0
-    #: Free for the refresh policy's bookkeeping.
-    refresh_at: float = 0.0
+    #: Its refresh point passed while nobody read it (the refresh policy's bookkeeping).
     refresh_due: bool = False
 
 

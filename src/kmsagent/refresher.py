@@ -63,8 +63,7 @@ class Refresher(Generic[K]):
         rotation = self._rotation_due(entry.value)
         if rotation is not None and rotation < entry.expires_at:
             at = min(at, rotation + random.uniform(*ROTATION_DELAY))
-        entry.refresh_at = max(at, entry.loaded_at)
-        self._push(entry.refresh_at, key, entry)
+        self._push(max(at, entry.loaded_at), key, entry)
 
     def read(self, key: K, entry: Entry[Any]) -> None:
         if entry.refresh_due:  # its refresh point passed while nobody read it
