@@ -19,7 +19,7 @@ from loguru import logger
 
 from kmsagent import __version__
 from kmsagent.agent import run_agent
-from kmsagent.config import Config, ConfigError, dump_config, load_config
+from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.server import ServeError
@@ -55,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         return _fail(EXIT_USAGE, f"config error: {error}")
     if args.check_config:
+        try:
+            check_log_folder(config.log)
+            credential_source(config.credentials, os.environ)  # static part: variables and files
+        except ConfigError as error:
+            return _fail(EXIT_USAGE, f"config error: {error}")
+        except CredentialsUnavailable as error:
+            return _fail(EXIT_USAGE, f"config error: [Credentials] Type = {config.credentials.type!r}: {error}")
         print(dump_config(config), end="")
         return EXIT_OK
     scrub_environment(os.environ)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class CredentialsConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "debug"
+    level: str = "info"
     path: str = "./logs/"
     max_file_size_mb: int = 100
     backups: int = 2
@@ -447,6 +448,40 @@ def load_config(path: str | Path | None) -> Config:
         message = " ".join(str(error).split())
         raise ConfigError(f"{path}: invalid TOML: {message}") from None
     return parse_config(document)
+
+
+def check_log_folder(log: LogConfig) -> None:
+    """Raises `ConfigError` unless `[Log] Path` can be created and written (for `--check-config`).
+
+    Parsing cannot tell that `/proc/nope/` or a path under a regular file will fail at start-up,
+    so this tries what start-up will do: a missing folder's first missing part is created and
+    removed again, an existing one gets a temporary file. Nothing is left behind.
+    """
+    folder = Path(log.path)
+    problem = _unwritable_folder(folder)
+    if problem is not None:
+        raise ConfigError(f"[Log] Path = {_show(log.path)}: {problem}")
+
+
+def _unwritable_folder(folder: Path) -> str | None:
+    missing: Path | None = None
+    existing = folder
+    while not existing.exists():
+        if existing.is_symlink():
+            return f"{existing} is a broken symbolic link"
+        missing, existing = existing, existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        if missing is None:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        else:
+            missing.mkdir()
+            missing.rmdir()
+    except OSError as error:
+        return f"the log folder cannot be {'written' if missing is None else 'created'} ({error.strerror or error})"
+    return None
 
 
 def differences(old: Config, new: Config) -> list[tuple[str, str, Any, Any]]:
