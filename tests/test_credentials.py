@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import ssl
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from cryptography.x509.oid import NameOID
 from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import Credentials, CredentialsUnavailable, credential_source
-from kmsagent.credentials.ecs_role import EcsRamRoleCredentials
+from kmsagent.credentials.base import parse_expiration
+from kmsagent.credentials.ecs_role import REJECTION_RENEW_INTERVAL, EcsRamRoleCredentials
 from kmsagent.credentials.oidc import OidcRoleCredentials
-from kmsagent.emulator import KmsEmulator, MetadataEmulator
+from kmsagent.emulator import Fault, HttpResponse, KmsEmulator, MetadataEmulator
 from kmsagent.errors import UpstreamUnavailable
 
 SECRET_PATH = "/secretsmanager/get?secretId=api-key"
@@ -173,6 +175,124 @@ async def test_no_credential_value_reaches_a_log_line_at_debug(
     for issued in metadata.issued:
         for value in (issued.access_key_id, issued.access_key_secret, issued.security_token):
             assert value not in text
+
+
+# --- renewal storms (issue 10, item 10) -----------------------------------------------------------
+
+TOKEN_EXPIRED = Fault(status=400, code="InvalidSecurityToken.Expired", message="The security token has expired.")
+
+
+async def test_kms_rejecting_every_call_renews_at_most_once_per_5_seconds(
+    start_agent: StartAgent, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """It made 286 metadata fetches for 300 reads (150 here); the lifetime is long: no renewal is due."""
+    metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
+    await nursery.start(metadata.serve)
+    agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+    emulator.inject(TOKEN_EXPIRED)  # every call from now on
+    before, started = len(metadata.issued), trio.current_time()
+    statuses = await read_for(lambda: agent.get(SECRET_PATH), seconds=30, every=0.2)
+    elapsed = trio.current_time() - started
+    assert len(statuses) >= 145 and {status for _, status in statuses} == {400}
+    renewals = len(metadata.issued) - before
+    assert 1 <= renewals <= elapsed / REJECTION_RENEW_INTERVAL + 1, renewals
+    # KMS recovers: the next rejection-free read works with the credentials in hand.
+    emulator.clear_faults()
+    assert (await agent.get(SECRET_PATH)).status_code == 200
+
+
+async def test_concurrent_rejections_share_one_renewal_and_later_ones_wait_5_seconds(
+    nursery: trio.Nursery, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+) -> None:
+    source = ecs_role(metadata, wall_clock, renew_before_seconds=5)
+    metadata.lifetime = 3600
+    await nursery.start(source.run)
+    first = await source.current()
+    answers: list[bool] = []
+
+    async def reject(credentials: Credentials) -> None:
+        answers.append(await source.rejected(credentials))
+
+    async with trio.open_nursery() as rejections:
+        for _ in range(300):
+            rejections.start_soon(reject, first)
+    assert answers == [True] * 300 and len(metadata.issued) == 2  # the first fetch and one renewal
+    second = await source.current()
+    assert second is not first
+    answers.clear()
+    async with trio.open_nursery() as rejections:  # too soon after that renewal: none, at once
+        for _ in range(300):
+            rejections.start_soon(reject, second)
+    assert answers == [False] * 300 and len(metadata.issued) == 2
+    assert await source.rejected(first)  # a stale rejection: newer credentials exist
+    await trio.sleep(REJECTION_RENEW_INTERVAL)
+    assert await source.rejected(second) and len(metadata.issued) == 3
+
+
+# --- Expiration in any ISO 8601 form (issue 10, item 11) ------------------------------------------
+
+EXPIRATION_FORMS = {
+    "Z": lambda moment: moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    "milliseconds Z": lambda moment: moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    "+08:00": lambda moment: moment.astimezone(EAST_8).isoformat(timespec="seconds"),
+    "microseconds +08:00": lambda moment: moment.astimezone(EAST_8).isoformat(timespec="microseconds"),
+    "naive (UTC)": lambda moment: moment.replace(tzinfo=None).isoformat(timespec="seconds"),
+}
+EAST_8 = datetime.timezone(datetime.timedelta(hours=8))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-01-01T00:00:00Z", 1767225600.0),
+        ("2026-01-01T00:00:00.123Z", 1767225600.123),
+        ("2026-01-01T08:00:00+08:00", 1767225600.0),
+        ("2026-01-01T08:00:00.123456+08:00", 1767225600.123456),
+        ("2026-01-01T00:00:00", 1767225600.0),
+        (" 2026-01-01T00:00:00Z\n", 1767225600.0),
+    ],
+)
+def test_an_expiration_is_parsed_in_every_iso_8601_form(text: str, expected: float) -> None:
+    assert parse_expiration(text) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("text", ["", "tomorrow", "2026-13-01T00:00:00Z", "1767225600"])
+def test_an_expiration_that_is_not_a_time_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_expiration(text)
+
+
+class ExpirationFormMetadata(MetadataEmulator):
+    """The metadata emulator, writing `Expiration` in another ISO 8601 form."""
+
+    def __init__(self, *args: object, form: Callable[[datetime.datetime], str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.form = form
+
+    def _credentials(self) -> HttpResponse:
+        response = super()._credentials()
+        document = json.loads(response.body)
+        moment = datetime.datetime.fromtimestamp(self.issued[-1].expires_at, datetime.timezone.utc)
+        document["Expiration"] = self.form(moment)
+        return HttpResponse(response.status, response.headers, json.dumps(document).encode())
+
+
+@pytest.mark.parametrize("form", EXPIRATION_FORMS, ids=list(EXPIRATION_FORMS))
+async def test_the_renewal_schedule_follows_every_expiration_form(
+    nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, form: str
+) -> None:
+    metadata = ExpirationFormMetadata(emulator, lifetime=3600, clock=wall_clock, form=EXPIRATION_FORMS[form])
+    await nursery.start(metadata.serve)
+    source = ecs_role(metadata, wall_clock, renew_before_seconds=900)
+    await nursery.start(source.run)
+    credentials = await source.current()  # a refused Expiration leaves none: UpstreamUnavailable
+    precision = 1.0 if form in ("Z", "+08:00", "naive (UTC)") else 0.001  # whole seconds, or finer
+    assert credentials.expiration == pytest.approx(metadata.issued[0].expires_at, abs=precision)
+    while len(metadata.issued) < 2:
+        await trio.sleep(60)
+    minted = [issued.expires_at - metadata.lifetime for issued in metadata.issued]
+    assert minted[1] - minted[0] == pytest.approx(3600 - 900, abs=precision + 0.1)
 
 
 # --- the auto chain -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Protocol
 
 import trio
@@ -51,6 +52,19 @@ class CredentialSource(Protocol):
     def expiration(self) -> float | None:
         """When the credentials in use expire (wall clock), for the metrics; None if never."""
         ...
+
+
+def parse_expiration(text: str) -> float:
+    """An STS `Expiration` as a wall-clock timestamp; raises ValueError when it is not a time.
+
+    Any ISO 8601 form: `2026-01-01T00:00:00Z` as the metadata service sends it, but also with a
+    fraction (`.123Z`) or an offset (`+08:00`), which a strict `%Y-%m-%dT%H:%M:%SZ` refused,
+    leaving the agent without credentials. A time without a zone is UTC.
+    """
+    moment = datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 class CredentialsUnavailable(Exception):

@@ -9,8 +9,8 @@ protocol is three small HTTP calls, spoken here with httpx, cancellable and time
 
 from __future__ import annotations
 
-import calendar
 import json
+import math
 import random
 import re
 import time
@@ -23,7 +23,7 @@ import trio
 from loguru import logger
 
 from kmsagent.config import CredentialsConfig
-from kmsagent.credentials.base import Credentials
+from kmsagent.credentials.base import Credentials, parse_expiration
 from kmsagent.errors import UpstreamUnavailable
 
 TOKEN_PATH = "/latest/api/token"
@@ -37,7 +37,10 @@ METADATA_TIMEOUT = httpx.Timeout(connect=1.0, read=2.0, write=2.0, pool=1.0)
 CREDENTIALS_WAIT = 2.0
 RETRY_BASE, RETRY_CAP = 1.0, 30.0
 MIN_RENEW_INTERVAL = 1.0
-EXPIRATION_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+#: A renewal asked for by KMS's rejection comes at most this often (trio seconds): KMS answering
+#: "security token expired" to every call once made 286 metadata fetches for 300 reads, while the
+#: metadata service hands out the same credentials that soon anyway.
+REJECTION_RENEW_INTERVAL = 5.0
 ROLE_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # as config.py accepts for RoleName
 
 
@@ -54,6 +57,9 @@ class EcsRamRoleCredentials:
         self._credentials: Credentials | None = None
         self._changed = trio.Event()  # set, then replaced, each time new credentials arrive
         self._renew_now = trio.Event()
+        self._fetching = False
+        self._last_forced = -math.inf  # trio.current_time() of the last renewal a rejection asked for
+        self._fetched = trio.Event()  # set, then replaced, when a fetch ends, failed or not
         role = config.role_name or "discovered role"
         self.kind = f"ecs_ram_role ({role} via {config.metadata_endpoint})"
         #: Successful fetches so far (the first one included).
@@ -67,6 +73,8 @@ class EcsRamRoleCredentials:
             task_status.started()
             failures = 0
             while True:
+                self._renew_now = trio.Event()
+                self._fetching = True
                 try:
                     credentials = await self._fetch(http)
                 except MetadataError as error:
@@ -83,9 +91,12 @@ class EcsRamRoleCredentials:
                     self._install(credentials)
                     delay = self._renewal_delay(credentials)
                     logger.info("ECS RAM role credentials renewed; next renewal in {:.0f}s", delay)
+                finally:
+                    self._fetching = False
+                    self._fetched.set()
+                    self._fetched = trio.Event()
                 with trio.move_on_after(delay):
                     await self._renew_now.wait()
-                self._renew_now = trio.Event()
 
     async def current(self) -> Credentials:
         with trio.move_on_after(CREDENTIALS_WAIT):
@@ -98,15 +109,24 @@ class EcsRamRoleCredentials:
         )
 
     async def rejected(self, credentials: Credentials) -> bool:
-        """Renews at once, unless newer credentials already replaced the rejected ones."""
+        """Renews at once, unless newer credentials already replaced the rejected ones.
+
+        Single flight: every rejection during a fetch (asked for or scheduled) waits for that
+        fetch. At most one renewal per REJECTION_RENEW_INTERVAL: a rejection sooner after the
+        last one renews nothing and only says whether newer credentials exist (here: they do not).
+        """
         if credentials is not self._credentials:
             return True
-        changed = self._changed
-        self._renew_now.set()
+        if not (self._fetching or self._renew_now.is_set()):  # else join the fetch under way
+            now = trio.current_time()
+            if now - self._last_forced < REJECTION_RENEW_INTERVAL:
+                return False
+            self._last_forced = now
+            self._renew_now.set()
+        fetched = self._fetched
         with trio.move_on_after(CREDENTIALS_WAIT):
-            await changed.wait()
-            return True
-        return False
+            await fetched.wait()
+        return credentials is not self._credentials
 
     def expiration(self) -> float | None:
         return self._credentials.expiration if self._credentials is not None else None
@@ -180,9 +200,9 @@ class EcsRamRoleCredentials:
         if missing:
             raise MetadataError(f"the metadata service answered credentials without {', '.join(missing)}")
         try:
-            expiration = float(calendar.timegm(time.strptime(document["Expiration"], EXPIRATION_FORMAT)))
+            expiration = parse_expiration(document["Expiration"])
         except ValueError:
-            raise MetadataError("the metadata service answered an Expiration that is not a UTC time") from None
+            raise MetadataError("the metadata service answered an Expiration that is not an ISO 8601 time") from None
         if expiration <= self._clock():
             raise MetadataError("the metadata service answered credentials that have already expired")
         return Credentials(document["AccessKeyId"], document["AccessKeySecret"], document["SecurityToken"], expiration)
