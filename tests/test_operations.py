@@ -134,7 +134,7 @@ def test_json_format_writes_one_json_record_per_line(file_logging) -> None:  # n
     logger.info("hello {}", "world")
     close_logging()
     records = [json.loads(line) for line in (folder / LOG_FILE).read_text().splitlines()]
-    assert records[-1]["record"]["message"] == "hello world"
+    assert records[-1]["message"] == "hello world" and list(records[-1])[:3] == ["time", "level", "message"]
 
 
 def test_the_redaction_guard_masks_known_secrets_even_when_logged_by_mistake(captured_logs: list[str]) -> None:

@@ -18,6 +18,7 @@ from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
 from kmsagent.formats import response_format
 from kmsagent.kms import KmsClient
+from kmsagent.log_sinks import dropped_lines
 from kmsagent.metrics import Metrics
 from kmsagent.refresher import Refresher
 from kmsagent.reload import reload_on_sighup
@@ -74,6 +75,7 @@ async def run_agent(
         metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)
         metrics.watch("kmsagent_refreshes", "Background refreshes started.", lambda: refresher.started, counter=True)
         metrics.watch("kmsagent_connections_open", "HTTP connections open.", lambda: server.slots.open)
+        metrics.watch("kmsagent_log_lines_dropped", "Log lines a sink dropped: it could not keep up.", dropped_lines, counter=True)
         metrics.watch(
             "kmsagent_credentials_expiry_timestamp_seconds", "When the KMS credentials expire.", credentials.expiration
         )
