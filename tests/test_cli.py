@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -9,7 +11,7 @@ import signal
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import trio
 from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN
 from kmsagent import __version__
 from kmsagent.config import Config, parse_config
-from kmsagent.emulator import KmsEmulator, MetadataEmulator
+from kmsagent.emulator import Fault, KmsEmulator, MetadataEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
@@ -266,4 +268,236 @@ async def test_dev_mode_prints_a_curl_line_that_works(tmp_path: Path, credential
             body = httpx.get(command[3], headers={"X-KMS-Token": token}).json()
         demo = tomllib.loads((ROOT / "conf" / "dev-secrets.toml").read_text())["secret"][0]
         assert (body["SecretName"], body["SecretData"]) == (demo["name"], demo["data"])
+        assert await stop(agent, signal.SIGINT) == 0
+
+
+# --- signals from the first line (SPEC §1) ---------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in lines)}
+
+
+def holds_signals(pid: int) -> bool:
+    """Whether the process has its own SIGTERM handler: signals.hold(), on the package's first
+    lines, installs it last of three."""
+    caught = proc_status(pid).get("SigCgt", "0")
+    return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def importing(pid: int) -> bool:
+    """Whether the process is into the heavy imports of start-up (trio, hypercorn, the SDKs):
+    bare Python is about 10 MB resident, trio alone brings it past 20 MB (NOTES.md)."""
+    resident = proc_status(pid).get("VmRSS", "0 kB").split()[0]
+    return int(resident) >= 20 * 1024
+
+
+@asynccontextmanager
+async def spawned_agent(
+    args: list[str], env: dict[str, str], tmp_path: Path, ready: Callable[[int], bool] = holds_signals
+) -> AsyncIterator[trio.Process]:
+    """The agent process, once `ready(pid)`: by default once its package's first line has held
+    signals (a signal during the interpreter's own start-up is out of the package's reach)."""
+    with (tmp_path / "stderr.txt").open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "kmsagent", *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr
+        )
+    try:
+        with trio.fail_after(20):
+            while not ready(process.pid):
+                assert process.poll() is None, "the agent exited before the moment under test"
+                await trio.sleep(0.001)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+async def stopped_within_5_s(process: trio.Process, signum: int) -> tuple[int, str]:
+    """Sends `signum`; the exit status and everything the process printed on stdout."""
+    process.send_signal(signum)
+    with trio.fail_after(5):  # SPEC §1: exit within 5 s, from any state
+        status = await process.wait()
+    assert process.stdout is not None
+    stdout = b""
+    while chunk := await process.stdout.receive_some(65536):
+        stdout += chunk
+    return status, stdout.decode()
+
+
+def assert_no_traceback(tmp_path: Path) -> None:
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("moment", ["first-line", 0.1, 0.3, 0.6])
+async def test_a_stop_signal_at_any_moment_of_start_up_exits_0(tmp_path: Path, signum: int, moment: str | float) -> None:
+    """At the package's first line; then 0.1, 0.3 and 0.6 s after spawning but never before the
+    heavy imports began (on a loaded machine the interpreter alone can take longer than that)."""
+    config = write_config(tmp_path, "127.0.0.1:1")
+    spawned = trio.current_time()
+    ready = holds_signals if moment == "first-line" else importing
+    async with spawned_agent(["--config", str(config)], AGENT_ENV, tmp_path, ready) as process:
+        if isinstance(moment, float):
+            await trio.sleep_until(spawned + moment)  # the moment under test, not a synchronisation
+        status, _ = await stopped_within_5_s(process, signum)
+    assert status == 0
+    assert_no_traceback(tmp_path)
+
+
+async def hanging_kms(nursery: trio.Nursery) -> tuple[str, trio.Event]:
+    """An endpoint that accepts connections and never answers; the event fires on the first."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    accepted = trio.Event()
+
+    async def hang() -> None:
+        async with listener:
+            streams = [await listener.accept()]
+            accepted.set()
+            await trio.sleep_forever()
+            del streams
+
+    nursery.start_soon(hang)
+    return f"127.0.0.1:{listener.socket.getsockname()[1]}", accepted
+
+
+def with_prefetch(tmp_path: Path, endpoint: str) -> Path:
+    text = write_config(tmp_path, endpoint).read_text()
+    text = text.replace("MaxRetries = 0", "MaxRetries = 0\nReadTimeoutMs = 60000")
+    (tmp_path / "prefetch.toml").write_text(text.replace("[Log]", '[Cache]\nPrefetch = ["db/password"]\n[Log]'))
+    return tmp_path / "prefetch.toml"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_during_a_prefetch_against_a_hanging_kms(
+    tmp_path: Path, nursery: trio.Nursery, signum: int
+) -> None:
+    endpoint, accepted = await hanging_kms(nursery)
+    async with spawned_agent(["--config", str(with_prefetch(tmp_path, endpoint))], AGENT_ENV, tmp_path) as process:
+        with trio.fail_after(20):
+            await accepted.wait()
+        status, stdout = await stopped_within_5_s(process, signum)
+    assert status == 0
+    assert "listening" not in stdout  # the port never opened
+    assert_no_traceback(tmp_path)
+
+
+async def wait_for_text(path: Path, marker: str) -> None:
+    with trio.fail_after(10):
+        while marker not in path.read_text():
+            await trio.sleep(0.05)
+
+
+async def test_sighup_during_start_up_is_held_and_applied(tmp_path: Path, emulator: KmsEmulator) -> None:
+    config = write_config(tmp_path, emulator.endpoint)
+    spawned = trio.current_time()
+    async with spawned_agent(["--config", str(config)], AGENT_ENV, tmp_path) as process:
+        await trio.sleep_until(spawned + 0.05)
+        process.send_signal(signal.SIGHUP)
+        lines = await read_lines_until(process, "listening on")
+        port = int(lines[-1].rsplit(":", 1)[1])
+        response = await trio.to_thread.run_sync(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/v1/api-key", headers={"X-KMS-Token": TOKEN})
+        )
+        assert response.status_code == 200
+        await wait_for_text(tmp_path / "stderr.txt", f"SIGHUP: {config} unchanged")
+        status, _ = await stopped_within_5_s(process, signal.SIGTERM)
+    assert status == 0
+    assert_no_traceback(tmp_path)
+
+
+async def test_sighup_during_a_prefetch_is_survived(tmp_path: Path, emulator: KmsEmulator) -> None:
+    emulator.inject(Fault(delay=1.5), times=1)
+    config = with_prefetch(tmp_path, emulator.endpoint)
+    async with spawned_agent(["--config", str(config)], AGENT_ENV, tmp_path) as process:
+        with trio.fail_after(20):
+            while emulator.call_count("db/password") == 0:
+                await trio.sleep(0.01)
+        process.send_signal(signal.SIGHUP)
+        lines = await read_lines_until(process, "listening on")
+        port = int(lines[-1].rsplit(":", 1)[1])
+        response = await trio.to_thread.run_sync(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/v1/db/password", headers={"X-KMS-Token": TOKEN})
+        )
+        assert (response.status_code, response.headers["x-kms-agent-cache"]) == (200, "hit")
+        await wait_for_text(tmp_path / "stderr.txt", f"SIGHUP: {config} unchanged")
+        status, _ = await stopped_within_5_s(process, signal.SIGTERM)
+    assert status == 0
+    assert_no_traceback(tmp_path)
+
+
+async def test_a_stop_that_cannot_finish_still_exits_0_within_5_s(tmp_path: Path) -> None:
+    """The guard of signals.py: nobody reads the agent's stderr, so its log writer blocks, the
+    log queue fills and the trio loop itself stops in a log call; SIGTERM still ends it."""
+    unread, stderr = os.pipe()
+    fcntl.fcntl(stderr, fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: it fills after a few lines
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "kmsagent", "--config", str(write_config(tmp_path, "127.0.0.1:1"))],
+        env=AGENT_ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr,
+    )
+    os.close(stderr)
+    try:
+        lines = await read_lines_until(process, "listening on")
+        url = f"http://127.0.0.1:{int(lines[-1].rsplit(':', 1)[1])}/ping?" + "x" * 190
+        async with httpx.AsyncClient(timeout=1) as client, trio.open_nursery() as nursery:
+            frozen = trio.Event()
+
+            async def debug_lines() -> None:  # one debug log line per request
+                while not frozen.is_set():
+                    try:
+                        await client.get(url)
+                    except httpx.TimeoutException:
+                        frozen.set()
+
+            for _ in range(8):
+                nursery.start_soon(debug_lines)
+            with trio.fail_after(30):
+                await frozen.wait()
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        os.close(unread)
+
+
+# --- logging and --dev's token ---------------------------------------------------------------------
+
+
+async def test_the_token_file_warning_reaches_the_configured_sinks(tmp_path: Path, emulator: KmsEmulator) -> None:
+    token_file = tmp_path / "kmstoken"
+    token_file.write_text("a-token-in-a-loose-file\n")
+    token_file.chmod(0o644)
+    env = {**AGENT_ENV, "KMS_TOKEN": f"file://{token_file}"}
+    async with agent_process(["--config", str(write_config(tmp_path, emulator.endpoint))], env, tmp_path) as agent:
+        assert await stop(agent) == 0
+    records = [json.loads(line)["record"] for line in (tmp_path / "logs" / "kmsagent.log").read_text().splitlines()]
+    warning = next(record for record in records if "readable by every user" in record["message"])
+    assert warning["level"]["name"] == "WARNING"
+    stderr_line = next(line for line in agent.stderr_path.read_text().splitlines() if "readable by every user" in line)
+    assert stderr_line.split()[1] == "WARNING"  # logs.TEXT_FORMAT, not loguru's default format
+
+
+async def test_dev_mode_uses_the_token_set_in_the_environment(tmp_path: Path) -> None:
+    own = "my-own-dev-token-Vq81"
+    (tmp_path / "dev.toml").write_text(f'[Server]\nHttpPort = 0\n[Log]\nPath = "{tmp_path / "logs"}"\n')
+    shutil.copy(ROOT / "conf" / "dev-secrets.toml", tmp_path / "dev-secrets.toml")
+    env = {**BASE_ENV, "KMS_TOKEN": own}
+    async with agent_process(["--dev", "--config", str(tmp_path / "dev.toml")], env, tmp_path, "curl ") as agent:
+        curl_line = next(line for line in agent.stdout if "curl " in line).strip()
+        assert own not in "\n".join(agent.stdout)  # a token from the environment is not printed
+        async with httpx.AsyncClient(timeout=10) as client:
+            demo = tomllib.loads((ROOT / "conf" / "dev-secrets.toml").read_text())["secret"][0]
+            response = await client.get(agent.url(f"/v1/{demo['name']}"), headers={"X-KMS-Token": own})
+            assert response.status_code == 200 and response.json()["SecretData"] == demo["data"]
+        result = await trio.run_process(["sh", "-c", curl_line], env=env, capture_stdout=True)
+        assert json.loads(result.stdout)["SecretData"] == demo["data"]
         assert await stop(agent, signal.SIGINT) == 0

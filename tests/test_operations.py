@@ -218,3 +218,55 @@ async def test_sighup_applies_a_new_ttl_and_survives_a_broken_file(tmp_path: Pat
             assert await outcome() == "miss"  # still TTL 0, still serving
         assert await stop(agent) == 0
     assert AK_SECRET not in agent.stderr_path.read_text()
+
+
+@pytest.mark.parametrize("where", ["a regular file", "a folder under a regular file"])
+async def test_a_reload_whose_log_path_is_unusable_keeps_the_running_config(
+    tmp_path: Path, emulator: KmsEmulator, where: str
+) -> None:
+    config_path = write_config(tmp_path, emulator.endpoint)
+    original = config_path.read_text()
+    (tmp_path / "not-a-folder").write_text("")
+    log_path = tmp_path / "not-a-folder" if where == "a regular file" else tmp_path / "not-a-folder" / "logs"
+    async with agent_process(["--config", str(config_path)], AGENT_ENV, tmp_path) as agent:
+        async with httpx.AsyncClient(headers={"X-KMS-Token": TOKEN}, timeout=10) as client:
+
+            async def outcome() -> str:
+                return (await client.get(agent.url(SECRET_PATH))).headers["x-kms-agent-cache"]
+
+            assert [await outcome(), await outcome()] == ["miss", "hit"]
+            broken = original.replace(f'Path = "{tmp_path / "logs"}"', f'Path = "{log_path}"')
+            config_path.write_text(broken.replace("[Log]", "[Cache]\nTtlSeconds = 0\n[Log]"))
+            agent.process.send_signal(signal.SIGHUP)
+            with trio.fail_after(5):
+                while "keeping the running config" not in agent.stderr_path.read_text():
+                    await trio.sleep(0.05)
+            assert await outcome() == "hit"  # TtlSeconds = 0 was not applied either
+            assert agent.process.returncode is None
+            logged = (tmp_path / "logs" / "kmsagent.log").read_text()
+            assert "keeping the running config" in logged  # the old sinks still write
+        assert await stop(agent) == 0
+
+
+async def test_vault_lease_duration_is_the_ttl_in_force_after_a_reload(tmp_path: Path, emulator: KmsEmulator) -> None:
+    config_path = write_config(tmp_path, emulator.endpoint)
+    original = config_path.read_text().replace("HttpPort = 0", "HttpPort = 0\nResponseType = 2")
+    config_path.write_text(original)
+    async with agent_process(["--config", str(config_path)], AGENT_ENV, tmp_path) as agent:
+        async with httpx.AsyncClient(headers={"X-KMS-Token": TOKEN}, timeout=10) as client:
+
+            async def read() -> tuple[str, dict[str, object]]:
+                response = await client.get(agent.url("/v1/app/config"))
+                return response.headers["x-kms-agent-cache"], response.json()
+
+            (miss, first), (hit, second) = await read(), await read()
+            assert (miss, hit) == ("miss", "hit") and first["request_id"] != second["request_id"]
+            assert first["lease_duration"] == second["lease_duration"] == 300
+            config_path.write_text(original.replace("[Log]", "[Cache]\nTtlSeconds = 60\n[Log]"))
+            agent.process.send_signal(signal.SIGHUP)
+            with trio.fail_after(5):
+                while "TtlSeconds 300 -> 60" not in agent.stderr_path.read_text():
+                    await trio.sleep(0.05)
+            outcome, third = await read()
+            assert (outcome, third["lease_duration"]) == ("hit", 60)
+        assert await stop(agent) == 0

@@ -47,7 +47,6 @@ async def run_agent(
     `clock` is the wall clock that signs requests (tests pass a virtual one). With `config_path`,
     SIGHUP reloads that file.
     """
-    formatter = response_format(config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds)
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
     metrics = Metrics()
     kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
@@ -59,6 +58,10 @@ async def run_agent(
             is_transient=errors.is_transient,
             serve_stale=config.server.ignore_transient_errors,
             max_stale=config.cache.max_stale_seconds or None,
+        )
+        # Vault's lease_duration is the TtlSeconds in force: the cache's, which a reload changes.
+        formatter = response_format(
+            config.server.response_type, region=config.kms.region, lease_seconds=lambda: cache.ttl
         )
         store = SecretStore(cache, kms, formatter, clock=clock)
         refresher = Refresher(cache, rate=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)

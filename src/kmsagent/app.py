@@ -138,7 +138,7 @@ class AgentApp(QuartTrio):
                 cached, cache_outcome = await self.store.get(target)
                 outcome = cache_outcome.value
                 self.metrics.cache_results.labels(outcome).inc()
-                status, headers, body = 200, SECRET_HEADERS[outcome], cached.body
+                status, headers, body = 200, SECRET_HEADERS[outcome], self.response_format.finish(cached.body)
         except AgentError as error:
             if error.status >= 500:
                 logger.warning("secret {!r}: {}: {}", secret_id[:200], error.code, error.message)

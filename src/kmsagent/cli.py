@@ -1,6 +1,9 @@
 """The command line of SPEC §1: exit 0 after a clean stop, 2 for bad input, 1 for other failures.
 
-Every failure a user can cause ends in one line on stderr, never a traceback.
+Every failure a user can cause ends in one line on stderr, never a traceback. A stop signal
+(SIGTERM, SIGINT) at any moment ends the process with 0 within 5 s: during start-up it cancels
+start-up (no port is opened, no "listening" line), after it the agent drains and stops, and
+`STOP_DEADLINE` after the signal whatever still runs is cancelled.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import NoReturn
 import trio
 from loguru import logger
 
-from kmsagent import __version__
+from kmsagent import __version__, signals
 from kmsagent.agent import run_agent
 from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
 from kmsagent.credentials import CredentialsUnavailable, credential_source
@@ -29,6 +32,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 Shutdown = Callable[[], Awaitable[object]]
 #: Curl lines printed in --dev mode (stdout is a pipe nobody may read past the first lines).
 DEV_CURL_LINES = 5
+#: From the first stop signal to cancelling everything: the server drains for at most 3 s, and
+#: signals.py's guard ends the process at 4.6 s (SPEC §1: exit within 5 s).
+STOP_DEADLINE = 4.0
 #: Errors that end the agent with one line and exit 1.
 FATAL_ERRORS = (ServeError, TokenError, CredentialsUnavailable, LogSetupError)
 
@@ -84,9 +90,9 @@ def scrub_environment(env: MutableMapping[str, str]) -> None:
 
 
 def _run(config: Config, config_path: str | None) -> int:
+    configure_logging(config.log)  # first: the token and credential sources log through its sinks
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
     credentials = credential_source(config.credentials, os.environ)
-    configure_logging(config.log)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         agent = partial(
@@ -94,29 +100,30 @@ def _run(config: Config, config_path: str | None) -> int:
         )
         _announce(await nursery.start(agent))
 
-    return _run_until_signal(start)
+    return _run_until_signal(start, reloads=config_path is not None)
 
 
 def _run_dev(config: Config, config_path: str | None) -> int:
-    from kmsagent.dev import find_demo_secrets, load_demo_secrets, run_dev
+    from kmsagent.dev import dev_token, find_demo_secrets, load_demo_secrets, run_dev
 
     demo = load_demo_secrets(find_demo_secrets(config_path))
     configure_logging(config.log)
+    token, token_header = dev_token(config.server.ssrf_headers[0], config.server.ssrf_env_variables, os.environ)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
-        session = await nursery.start(partial(run_dev, config, demo, shutdown=shutdown))
+        session = await nursery.start(partial(run_dev, config, demo, token=token, shutdown=shutdown))
         _announce(session.port)
-        print("dev mode: embedded KMS emulator, demo keys and a fresh token. Try:", flush=True)
+        print("dev mode: embedded KMS emulator with demo secrets and keys. Try:", flush=True)
         for name in session.secret_names[:DEV_CURL_LINES]:
             print(
-                f"  curl -H 'X-KMS-Token: {session.token}' "
+                f"  curl -H {token_header} "
                 f"'http://127.0.0.1:{session.port}/secretsmanager/get?secretId={name}'",
                 flush=True,
             )
         if len(session.secret_names) > DEV_CURL_LINES:
             print(f"  ... and {len(session.secret_names) - DEV_CURL_LINES} more demo secrets", flush=True)
 
-    return _run_until_signal(start)
+    return _run_until_signal(start, reloads=False)
 
 
 def _announce(port: int) -> None:
@@ -132,24 +139,31 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]]) -> int:
+def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]], *, reloads: bool) -> int:
     """Runs what `start` starts until SIGTERM or SIGINT asks for a graceful stop.
 
-    A second signal cancels everything at once.
+    The signal watcher runs before start-up begins: a stop signal during start-up (a Prefetch
+    against a hanging KMS, say) cancels it, so no port opens and no "listening" line follows the
+    signal. After start-up a first signal stops gracefully, and a second one, or STOP_DEADLINE,
+    cancels everything. `reloads`: SIGHUP belongs to reload.py; else it is logged and ignored.
     """
+    signals.defer_stops()  # the watcher takes from here (a no-op unless __main__ held signals)
+    started = False
 
     async def main() -> None:
+        nonlocal started
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, stop, nursery.cancel_scope)
+            await nursery.start(_watch_signals, stop, nursery.cancel_scope, lambda: started, reloads)
             async with trio.open_nursery() as service:
                 await start(service, stop.wait)
+                started = True
             nursery.cancel_scope.cancel()  # the service ended: stop watching for signals
 
     _tune_gc()
     try:
         trio.run(main)
-    except KeyboardInterrupt:  # SIGINT before the signal receiver was open
+    except KeyboardInterrupt:  # SIGINT when signals were not held (main() called in-process)
         pass
     except BaseExceptionGroup as group:
         fatal = group.subgroup(FATAL_ERRORS)
@@ -159,15 +173,52 @@ def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]]
     return EXIT_OK
 
 
-async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if stop.is_set():
-                logger.warning("second signal: stopping now")
+async def _watch_signals(
+    stop: trio.Event,
+    everything: trio.CancelScope,
+    started: Callable[[], bool],
+    reloads: bool,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    watched = signals.STOP_SIGNALS if reloads else (*signals.STOP_SIGNALS, signal.SIGHUP)
+    with trio.open_signal_receiver(*watched) as receiver:
+        signals.guard_receivers(*signals.STOP_SIGNALS)
+        task_status.started()
+        # Opened first, then what signals.py held: a signal is in one place or the other.
+        if not reloads and signals.take(signal.SIGHUP):
+            _ignore_sighup()
+        if signals.take(*signals.STOP_SIGNALS):
+            logger.info("stop signal during start-up: stopping")
+            everything.cancel()
+            return
+        async for signum in receiver:
+            if signum == signal.SIGHUP:
+                _ignore_sighup()
+                continue
+            signals.arm_guard()
+            name = signal.Signals(signum).name
+            if not started():
+                logger.info("{} during start-up: stopping", name)
                 everything.cancel()
                 return
-            logger.info("{}: stopping", signal.Signals(signum).name)
+            logger.info("{}: stopping", name)
             stop.set()
+            break
+        with trio.move_on_after(STOP_DEADLINE) as deadline:
+            async for signum in receiver:
+                if signum == signal.SIGHUP:
+                    _ignore_sighup()
+                    continue
+                logger.warning("second signal: stopping now")
+                break
+        if deadline.cancelled_caught:
+            logger.warning("still stopping {:.0f} s after the signal: cancelling what is left", STOP_DEADLINE)
+        everything.cancel()
+
+
+def _ignore_sighup() -> None:
+    logger.info("SIGHUP: no config file to re-read (it applies with --config, outside --dev)")
 
 
 def _first_leaf(error: BaseException) -> BaseException:

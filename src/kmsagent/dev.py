@@ -3,15 +3,19 @@
 With `[Credentials] Type = "ecs_ram_role"` an embedded metadata service stands in for the ECS
 instance's RAM role too, so the credential task renews real (emulated) STS credentials.
 
-Everything secret here is generated per run and exists only in this process, so printing the
-token in the curl line is safe: it opens nothing but this process's demo secrets.
+The token is the environment's when one of `SSRFEnvVariables` is set (SPEC §1: a `KMS_TOKEN`
+already set is the token; a value or `file://`, as in a normal run), else a fresh one. A fresh
+token exists only in this process and opens nothing but its demo secrets, so the curl line prints
+it; a token from the environment may be a real one, so the line names its variable or file.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
+import shlex
 import tomllib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -33,7 +37,6 @@ class DevSession:
     """What the CLI prints once the dev agent listens."""
 
     port: int
-    token: str
     secret_names: list[str]
 
 
@@ -60,10 +63,27 @@ def load_demo_secrets(path: Path) -> dict[str, str]:
     return demo
 
 
+def dev_token(header: str, names: Sequence[str], env: Mapping[str, str]) -> tuple[TokenSource, str]:
+    """The token source, and the curl `-H` argument (quoted for a POSIX shell) that sends its
+    token in `header`."""
+    for name in names:
+        value = env.get(name)
+        if value is None:
+            continue
+        source = TokenSource.from_environment(names, env)  # TokenError (exit 1) as in a normal run
+        quoted = re.sub(r'([$`"\\])', r"\\\1", header)  # for inside "..."
+        if value.startswith("file://"):
+            return source, f'"{quoted}: $(cat {shlex.quote(value.removeprefix("file://"))})"'
+        return source, f'"{quoted}: ${{{name}}}"'
+    token = secrets.token_urlsafe(24)
+    return TokenSource(token.encode()), shlex.quote(f"{header}: {token}")
+
+
 async def run_dev(
     config: Config,
     demo_secrets: dict[str, str],
     *,
+    token: TokenSource,
     shutdown: Callable[[], Awaitable[object]],
     task_status: trio.TaskStatus[DevSession] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -71,19 +91,18 @@ async def run_dev(
     emulator = KmsEmulator(region=config.kms.region)
     for name, data in demo_secrets.items():
         emulator.put_secret(name, data)
-    token = secrets.token_urlsafe(24)
     async with trio.open_nursery() as nursery:
         kms_port = await nursery.start(emulator.serve)
         dev_config = replace(config, kms=replace(config.kms, endpoint=f"127.0.0.1:{kms_port}", protocol="http"))
         agent = partial(
             run_agent,
             dev_config,
-            token=TokenSource(token.encode()),
+            token=token,
             credentials=await _dev_credentials(config.credentials, emulator, nursery),
             shutdown=shutdown,
         )
         port = await start_service(nursery, agent)
-        task_status.started(DevSession(port, token, list(demo_secrets)))
+        task_status.started(DevSession(port, list(demo_secrets)))
 
 
 async def _dev_credentials(

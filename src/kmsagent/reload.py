@@ -2,7 +2,11 @@
 
 Live: `[Server]` SSRFHeaders, PathPrefix and IgnoreTransientErrors, `[Cache]` TtlSeconds and
 MaxStaleSeconds, and all of `[Log]`. Anything else needs a restart (a new port, a new KMS
-endpoint, new credentials) and is logged as such. A file that does not validate changes nothing.
+endpoint, new credentials) and is logged as such. A reload is all or nothing: a file that does
+not validate, or log sinks that cannot be opened, change nothing and the agent keeps running.
+
+A SIGHUP that arrived before this task listened (during start-up, held by signals.py) is
+handled as soon as it does.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pathlib import Path
 import trio
 from loguru import logger
 
+from kmsagent import signals
 from kmsagent.config import Config, ConfigError, differences, load_config
-from kmsagent.logs import configure_logging
+from kmsagent.logs import LogSetupError, configure_logging
 
 LIVE_KEYS = frozenset(
     {
@@ -47,24 +52,38 @@ def live_part(running: Config, loaded: Config) -> Config:
 
 async def reload_on_sighup(path: str | Path, running: Config, apply: Callable[[Config], None]) -> None:
     """Runs until cancelled; `apply` receives the new effective config after each valid reload
-    (logging is reconfigured here, off the trio thread)."""
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            try:
-                loaded = await trio.to_thread.run_sync(load_config, path)
-            except ConfigError as error:
-                logger.error("SIGHUP: {}; keeping the running config", error)
-                continue
-            changed = differences(running, loaded)
-            if not changed:
-                logger.info("SIGHUP: {} unchanged", path)
-                continue
-            previous_log, running = running.log, live_part(running, loaded)
-            apply(running)
-            if running.log != previous_log:  # re-creating sinks joins their writer threads
-                await trio.to_thread.run_sync(configure_logging, running.log)
-            for section, key, before, after in changed:
-                if (section, key) in LIVE_KEYS or section == "Log":
-                    logger.info("SIGHUP: [{}] {} {!r} -> {!r}", section, key, before, after)
-                else:
-                    logger.warning("SIGHUP: [{}] {} changed; it applies after a restart", section, key)
+    (logging is reconfigured here, off the trio thread, before `apply`)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as receiver:
+        if signals.take(signal.SIGHUP):  # taken after opening: a SIGHUP is held or received
+            logger.info("SIGHUP during start-up: reloading now")
+            running = await reload(path, running, apply)
+        async for _ in receiver:
+            running = await reload(path, running, apply)
+
+
+async def reload(path: str | Path, running: Config, apply: Callable[[Config], None]) -> Config:
+    """Reads `path` and applies its live part; returns the config now in force."""
+    try:
+        # A thread that may be abandoned: a config path that blocks (a FIFO) must not hold a stop.
+        loaded = await trio.to_thread.run_sync(load_config, path, abandon_on_cancel=True)
+    except ConfigError as error:
+        logger.error("SIGHUP: {}; keeping the running config", error)
+        return running
+    changed = differences(running, loaded)
+    if not changed:
+        logger.info("SIGHUP: {} unchanged", path)
+        return running
+    updated = live_part(running, loaded)
+    if updated.log != running.log:  # first: when the sinks cannot be opened, nothing changes
+        try:
+            await trio.to_thread.run_sync(configure_logging, updated.log)  # joins the old writer threads
+        except (LogSetupError, OSError) as error:
+            logger.error("SIGHUP: {}; keeping the running config", error)
+            return running
+    apply(updated)
+    for section, key, before, after in changed:
+        if (section, key) in LIVE_KEYS or section == "Log":
+            logger.info("SIGHUP: [{}] {} {!r} -> {!r}", section, key, before, after)
+        else:
+            logger.warning("SIGHUP: [{}] {} changed; it applies after a restart", section, key)
+    return updated
