@@ -432,9 +432,9 @@ async def test_sighup_during_a_prefetch_is_survived(tmp_path: Path, emulator: Km
     assert_no_traceback(tmp_path)
 
 
-async def test_a_stop_that_cannot_finish_still_exits_0_within_5_s(tmp_path: Path) -> None:
-    """The guard of signals.py: nobody reads the agent's stderr, so its log writer blocks, the
-    log queue fills and the trio loop itself stops in a log call; SIGTERM still ends it."""
+async def test_an_unread_stderr_neither_freezes_the_agent_nor_delays_its_stop(tmp_path: Path) -> None:
+    """Nobody reads the agent's stderr: log lines are dropped (logs.py), requests keep being
+    answered, and SIGTERM still ends it with 0 within 5 s."""
     unread, stderr = os.pipe()
     fcntl.fcntl(stderr, fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: it fills after a few lines
     process = await trio.lowlevel.open_process(
@@ -445,20 +445,18 @@ async def test_a_stop_that_cannot_finish_still_exits_0_within_5_s(tmp_path: Path
     try:
         lines = await read_lines_until(process, "listening on")
         url = f"http://127.0.0.1:{int(lines[-1].rsplit(':', 1)[1])}/ping?" + "x" * 190
-        async with httpx.AsyncClient(timeout=1) as client, trio.open_nursery() as nursery:
-            frozen = trio.Event()
+        answered = 0
+        async with httpx.AsyncClient(timeout=5) as client, trio.open_nursery() as nursery:
 
             async def debug_lines() -> None:  # one debug log line per request
-                while not frozen.is_set():
-                    try:
-                        await client.get(url)
-                    except httpx.TimeoutException:
-                        frozen.set()
+                nonlocal answered
+                for _ in range(100):
+                    assert (await client.get(url)).status_code == 200
+                    answered += 1
 
             for _ in range(8):
                 nursery.start_soon(debug_lines)
-            with trio.fail_after(30):
-                await frozen.wait()
+        assert answered == 800
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(5):
             assert await process.wait() == 0
