@@ -48,7 +48,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["get"]:  # the client (SPEC §10); `python -m kmsagent get` skips this module
+        from kmsagent.client import main as get
+
+        return get(arguments[1:])
+    args = _parse_args(arguments)
     config_path = args.config or os.environ.get("KMSAGENT_CONFIG") or None
     try:
         config = load_config(config_path)
