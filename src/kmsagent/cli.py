@@ -22,6 +22,7 @@ from kmsagent.agent import run_agent
 from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
+from kmsagent.notify import Notifier
 from kmsagent.server import ServeError
 from kmsagent.token import TokenError, TokenSource
 
@@ -92,11 +93,13 @@ def _run(config: Config, config_path: str | None) -> int:
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
     credentials = credential_source(config.credentials, os.environ)
     configure_logging(config.log)
+    notifier = Notifier.from_environment(os.environ)  # systemd's NOTIFY_SOCKET (SPEC §11)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         agent = partial(
             run_agent, config, token=token, credentials=credentials, shutdown=shutdown, config_path=config_path
         )
+        agent = partial(agent, notifier=notifier)
         _announce(await nursery.start(agent))
 
     return _run_until_signal(start)

@@ -17,6 +17,7 @@ from loguru import logger
 
 from kmsagent.config import Config, ConfigError, differences, load_config
 from kmsagent.logs import configure_logging
+from kmsagent.notify import SILENT, Notifier
 
 LIVE_KEYS = frozenset(
     {
@@ -45,11 +46,14 @@ def live_part(running: Config, loaded: Config) -> Config:
     )
 
 
-async def reload_on_sighup(path: str | Path, running: Config, apply: Callable[[Config], None]) -> None:
+async def reload_on_sighup(
+    path: str | Path, running: Config, apply: Callable[[Config], None], notifier: Notifier = SILENT
+) -> None:
     """Runs until cancelled; `apply` receives the new effective config after each valid reload
-    (logging is reconfigured here, off the trio thread)."""
+    (logging is reconfigured here, off the trio thread). `notifier` brackets each reload with
+    RELOADING=1 and READY=1 for systemd."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
+        async for _ in notifier.reloads(signals):
             try:
                 loaded = await trio.to_thread.run_sync(load_config, path)
             except ConfigError as error:
