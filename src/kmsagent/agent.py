@@ -20,6 +20,7 @@ from kmsagent.formats import response_format
 from kmsagent.kms import KmsClient
 from kmsagent.log_sinks import dropped_lines
 from kmsagent.metrics import Metrics
+from kmsagent.notify import READY, SILENT, STOPPING, Notifier
 from kmsagent.refresher import Refresher
 from kmsagent.reload import reload_on_sighup
 from kmsagent.server import HttpServer
@@ -38,6 +39,7 @@ async def run_agent(
     shutdown: Callable[[], Awaitable[object]],
     clock: Callable[[], float] = time.time,
     config_path: str | Path | None = None,
+    notifier: Notifier = SILENT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `shutdown()` returns, then drains requests and cancels background work.
@@ -45,12 +47,13 @@ async def run_agent(
     `task_status.started` receives the bound port once connections are accepted, which does not
     wait for the first credentials: a request that needs KMS before then waits a bounded time.
     `clock` is the wall clock that signs requests (tests pass a virtual one). With `config_path`,
-    SIGHUP reloads that file.
+    SIGHUP reloads that file. `notifier` tells a service manager (systemd) of each state (SPEC §11).
     """
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
     metrics = Metrics()
     kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
     async with kms_client as kms, trio.open_nursery() as nursery:
+        nursery.start_soon(notifier.watchdog)  # first, so a long Prefetch does not miss a ping
         cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
             ttl=config.cache.ttl_seconds,
@@ -95,9 +98,16 @@ async def run_agent(
         nursery.start_soon(credentials.run)
         nursery.start_soon(refresher.run)
         if config_path is not None:
-            nursery.start_soon(reload_on_sighup, config_path, config, apply)
+            nursery.start_soon(reload_on_sighup, config_path, config, apply, notifier)
         await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
-        task_status.started(await start_service(nursery, partial(server.run, shutdown)))
+
+        async def shutdown_then_notify() -> None:
+            await shutdown()
+            notifier.send(STOPPING)
+
+        port = await start_service(nursery, partial(server.run, shutdown_then_notify))
+        notifier.send(READY)
+        task_status.started(port)
 
 
 async def start_service(nursery: trio.Nursery, service: Callable[..., Awaitable[None]]) -> Any:

@@ -25,6 +25,7 @@ from kmsagent.agent import run_agent
 from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
+from kmsagent.notify import Notifier
 from kmsagent.server import ServeError
 from kmsagent.token import TokenError, TokenSource
 
@@ -54,7 +55,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["get"]:  # the client (SPEC §10); `python -m kmsagent get` skips this module
+        from kmsagent.client import main as get
+
+        return get(arguments[1:])
+    args = _parse_args(arguments)
     config_path = args.config or os.environ.get("KMSAGENT_CONFIG") or None
     try:
         config = load_config(config_path)
@@ -93,10 +99,17 @@ def _run(config: Config, config_path: str | None) -> int:
     configure_logging(config.log)  # first: the token and credential sources log through its sinks
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
     credentials = credential_source(config.credentials, os.environ)
+    notifier = Notifier.from_environment(os.environ)  # systemd's NOTIFY_SOCKET (SPEC §11)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         agent = partial(
-            run_agent, config, token=token, credentials=credentials, shutdown=shutdown, config_path=config_path
+            run_agent,
+            config,
+            token=token,
+            credentials=credentials,
+            shutdown=shutdown,
+            config_path=config_path,
+            notifier=notifier,
         )
         _announce(await nursery.start(agent))
 

@@ -22,6 +22,7 @@ from loguru import logger
 from kmsagent import signals
 from kmsagent.config import Config, ConfigError, differences, load_config
 from kmsagent.logs import LogSetupError, configure_logging
+from kmsagent.notify import READY, SILENT, Notifier
 
 LIVE_KEYS = frozenset(
     {
@@ -50,14 +51,19 @@ def live_part(running: Config, loaded: Config) -> Config:
     )
 
 
-async def reload_on_sighup(path: str | Path, running: Config, apply: Callable[[Config], None]) -> None:
+async def reload_on_sighup(
+    path: str | Path, running: Config, apply: Callable[[Config], None], notifier: Notifier = SILENT
+) -> None:
     """Runs until cancelled; `apply` receives the new effective config after each valid reload
-    (logging is reconfigured here, off the trio thread, before `apply`)."""
+    (logging is reconfigured here, off the trio thread, before `apply`). `notifier` brackets each
+    reload with RELOADING=1 and READY=1 for systemd."""
     with trio.open_signal_receiver(signal.SIGHUP) as receiver:
         if signals.take(signal.SIGHUP):  # taken after opening: a SIGHUP is held or received
             logger.info("SIGHUP during start-up: reloading now")
+            notifier.reloading()
             running = await reload(path, running, apply)
-        async for _ in receiver:
+            notifier.send(READY)
+        async for _ in notifier.reloads(receiver):
             running = await reload(path, running, apply)
 
 
