@@ -60,7 +60,7 @@ async def run_agent(
             max_stale=config.cache.max_stale_seconds or None,
         )
         store = SecretStore(cache, kms, formatter, clock=clock)
-        refresher = Refresher(cache, rate=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
+        refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
         app = AgentApp(config=config.server, token=token, store=store, response_format=formatter, metrics=metrics)
         refusal = errors.AgentError(429, "ConnectionLimitExceeded", "too many connections open")
         server = HttpServer(
