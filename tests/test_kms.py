@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -12,8 +14,8 @@ import trio.testing
 from conftest import AK_ID, AK_SECRET, SECRETS, agent_config
 from kmsagent.credentials import Credentials, StaticCredentials
 from kmsagent.emulator import Fault, KmsEmulator
-from kmsagent.errors import KmsError, UpstreamTimeout
-from kmsagent.kms import KmsClient, _backoff
+from kmsagent.errors import KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
+from kmsagent.kms import MAX_ANSWER_BYTES, KmsClient, _backoff
 
 
 @pytest.fixture
@@ -61,6 +63,50 @@ async def test_throttling_after_all_retries_is_kms_429(client: KmsClient, emulat
         await client.get_secret_value("api-key")
     assert (caught.value.status, caught.value.code, caught.value.is_transient) == (429, "Rejected.Throttling", True)
     assert emulator.call_count("api-key") == 3
+
+
+@pytest.mark.parametrize("status", [301, 302, 307])
+async def test_a_redirect_is_a_transient_502_not_passed_on(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock, status: int
+) -> None:
+    """SPEC §5: HTTP 3xx is transient (retried, served stale); the client sees 502, never a 3xx."""
+    emulator.inject(Fault(status=status))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await client.get_secret_value("api-key")
+    assert (caught.value.status, caught.value.code) == (502, "UpstreamUnavailable")
+    assert is_transient(caught.value) and str(status) in caught.value.message
+    assert emulator.call_count("api-key") == 3  # retried like a 5xx
+    emulator.clear_faults()
+    emulator.inject(Fault(status=302), times=1)
+    assert (await client.get_secret_value("api-key")).data == SECRETS["api-key"]
+
+
+async def test_a_call_leaves_no_reference_cycle_holding_the_answer(client: KmsClient) -> None:
+    """httpx ties a response and its stream in a cycle; with the agent's sparse garbage
+    collection (cli.py) those cycles, and the secrets in them, piled up for minutes."""
+    await client.get_secret_value("api-key")
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(10):
+            await client.get_secret_value("api-key")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        responses = [item for item in gc.garbage if isinstance(item, httpx.Response)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert responses == []
+
+
+async def test_an_answer_larger_than_kms_sends_is_refused_not_buffered(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
+    emulator.put_secret("huge", "h" * MAX_ANSWER_BYTES)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await client.get_secret_value("huge")
+    assert "more than" in caught.value.message and is_transient(caught.value)
 
 
 def test_backoff_grows_exponentially_with_jitter_and_honours_retry_after() -> None:

@@ -67,7 +67,7 @@ async def run_agent(
             config.server.response_type, region=config.kms.region, lease_seconds=lambda: cache.ttl
         )
         store = SecretStore(cache, kms, formatter, clock=clock)
-        refresher = Refresher(cache, rate=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
+        refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
         app = AgentApp(config=config.server, token=token, store=store, response_format=formatter, metrics=metrics)
         refusal = errors.AgentError(429, "ConnectionLimitExceeded", "too many connections open")
         server = HttpServer(

@@ -16,7 +16,7 @@ import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -29,7 +29,7 @@ from alibabacloud_kms20160120.models import GetSecretValueResponseBody
 from alibabacloud_tea_openapi.utils import Utils
 from loguru import logger
 
-from kmsagent import __version__, redact
+from kmsagent import __version__
 from kmsagent.config import KmsConfig
 from kmsagent.credentials import CredentialSource, Credentials
 from kmsagent.errors import AgentError, KmsError, UpstreamTimeout, UpstreamUnavailable
@@ -40,6 +40,8 @@ EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
 BACKOFF_BASE = 0.2  # seconds; KMS's guidance is 2^n × 200 ms
 MAX_RETRY_WAIT = 10.0  # a longer x-acs-retry-after is not waited for: the error goes back
 TOKEN_REJECTED_CODES = frozenset({"InvalidSecurityToken.Expired", "InvalidSecurityToken.Malformed"})
+#: A GetSecretValue answer is one secret (KMS stores at most 64 KB) in JSON; more is not KMS's.
+MAX_ANSWER_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -122,13 +124,20 @@ class KmsClient:
             yield cls(config, credentials, http, clock, observe)
 
     async def get_secret_value(
-        self, secret_id: str, *, version_id: str = "", version_stage: str = ""
+        self,
+        secret_id: str,
+        *,
+        version_id: str = "",
+        version_stage: str = "",
+        queued: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> SecretValue:
         """The secret as KMS returns it; raises `AgentError` subclasses with SPEC §3 statuses.
 
-        5xx, timeouts, connection errors and `Rejected.Throttling` are retried up to MaxRetries
-        times with exponential back-off and jitter (at least `x-acs-retry-after`). An expired
-        security token makes the credential source renew once, and the call is tried again.
+        5xx, 3xx, timeouts, connection errors and `Rejected.Throttling` are retried up to
+        MaxRetries times with exponential back-off and jitter (at least `x-acs-retry-after`). An
+        expired security token makes the credential source renew once, and the call is tried
+        again. Each wait for one of the MaxConcurrentRequests slots runs inside `queued()`: the
+        only part of a call that the caller may cancel without having cost KMS anything.
         """
         query = {"SecretName": secret_id}
         if version_id:
@@ -140,7 +149,7 @@ class KmsClient:
         while True:
             credentials = await self._credentials.current()
             try:
-                return await self._attempt(query, credentials)
+                return await self._attempt(query, credentials, queued)
             except KmsError as error:
                 if error.code in TOKEN_REJECTED_CODES and not renewed:
                     renewed = True
@@ -158,8 +167,18 @@ class KmsClient:
             logger.debug("KMS try {} for {!r} failed ({}); retrying in {:.2f}s", attempt, secret_id, failure.code, delay)
             await trio.sleep(delay)
 
-    async def _attempt(self, query: dict[str, str], credentials: Credentials) -> SecretValue:
-        """One signed call; its outcome and duration go to `observe` (the metrics)."""
+    async def _attempt(
+        self, query: dict[str, str], credentials: Credentials, queued: Callable[[], AbstractContextManager[object]]
+    ) -> SecretValue:
+        """One signed call, once a slot is free; its outcome and duration go to `observe` (the metrics)."""
+        with queued():
+            await self._in_flight.acquire()
+        try:
+            return await self._observed(query, credentials)
+        finally:
+            self._in_flight.release()
+
+    async def _observed(self, query: dict[str, str], credentials: Credentials) -> SecretValue:
         started = trio.current_time()
         outcome: str | None = None  # stays None when cancelled: not an outcome of KMS's
         try:
@@ -187,19 +206,40 @@ class KmsClient:
             f"{key}={quote(value, safe='~')}" for key, value in sorted(query.items())
         )
         headers = self._signed_headers(query, credentials)
-        async with self._in_flight:
-            with trio.move_on_after(self._attempt_limit) as attempt_scope:
-                try:
-                    response = await self._http.post(f"{self._base_url}?{canonical_query}", headers=headers)
-                except httpx.TimeoutException:
-                    raise UpstreamTimeout(f"KMS at {self._host} did not answer in time") from None
-                except httpx.TransportError as error:
-                    raise UpstreamUnavailable(f"cannot reach KMS at {self._host}: {_describe(error)}") from None
+        with trio.move_on_after(self._attempt_limit) as attempt_scope:
+            try:
+                response, body = await self._post(f"{self._base_url}?{canonical_query}", headers)
+            except httpx.TimeoutException:
+                raise UpstreamTimeout(f"KMS at {self._host} did not answer in time") from None
+            except httpx.TransportError as error:
+                raise UpstreamUnavailable(f"cannot reach KMS at {self._host}: {_describe(error)}") from None
         if attempt_scope.cancelled_caught:
             raise UpstreamTimeout(f"KMS at {self._host} did not answer in time")
         if response.status_code == 200:
-            return _parse_secret(response.content)
-        raise _parse_error(response)
+            return _parse_secret(body)
+        raise _parse_error(response, body)
+
+    async def _post(self, url: str, headers: dict[str, str]) -> tuple[httpx.Response, bytearray]:
+        """The answer's head and its body, read up to `MAX_ANSWER_BYTES`.
+
+        httpx ties every response and its stream in a reference cycle, so a response, with the
+        secret it carries, lived until the next garbage collection; and with cli.py's sparse
+        collections, `refreshNow=true` in a loop on a 60 KB secret grew RSS by ≈25 MB in 15 s.
+        Breaking the cycle once the response is closed frees it as soon as it is parsed.
+        """
+        response: httpx.Response | None = None
+        try:
+            async with self._http.stream("POST", url, headers=headers) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_ANSWER_BYTES:
+                        raise UpstreamUnavailable(f"KMS at {self._host} answered more than {MAX_ANSWER_BYTES} bytes")
+        finally:
+            if response is not None:
+                response.stream = _CLOSED
+        assert response is not None
+        return response, body
 
     def _signed_headers(self, query: dict[str, str], credentials: Credentials) -> dict[str, str]:
         """The headers the SDK sends, signed exactly as its `do_request` signs them."""
@@ -228,6 +268,9 @@ class KmsClient:
         return headers
 
 
+_CLOSED = httpx.ByteStream(b"")
+
+
 def _describe(error: BaseException) -> str:
     """The useful part of a transport error: under trio a TLS failure hides in the cause chain."""
     cause: BaseException | None = error
@@ -249,26 +292,32 @@ def _backoff(attempt: int, retry_after: float | None) -> float | None:
     return min(delay, MAX_RETRY_WAIT)
 
 
-def _parse_secret(body: bytes) -> SecretValue:
+def _parse_secret(body: bytes | bytearray) -> SecretValue:
     try:
         document = json.loads(body)
         fields = GetSecretValueResponseBody().from_map(document).to_map()
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):
         raise UpstreamUnavailable("KMS answered 200 with a body that is not GetSecretValue JSON") from None
     fields.pop("RequestId", None)
     if not isinstance(fields.get("SecretName"), str) or not isinstance(fields.get("VersionId"), str) or "SecretData" not in fields:
         raise UpstreamUnavailable("KMS answered 200 without SecretName, SecretData or VersionId")
-    redact.remember_secret(str(fields["SecretData"]))
     return SecretValue(fields)
 
 
-def _parse_error(response: httpx.Response) -> AgentError:
-    """KMS's error as the client will see it: 4xx as is, 5xx as 502 with KMS's code."""
+def _parse_error(response: httpx.Response, body: bytes | bytearray) -> AgentError:
+    """KMS's error as the client will see it: 4xx as is, 5xx as 502 with KMS's code.
+
+    Any other status (a 3xx redirect, which the client does not follow: it would carry the
+    signed request elsewhere; a 1xx; a 2xx other than 200) is not KMS's answer but a proxy's
+    or a gateway's: 502 UpstreamUnavailable, transient (SPEC §5), so it is retried.
+    """
+    if not 400 <= response.status_code < 600:
+        return UpstreamUnavailable(f"KMS at {response.url.host} answered HTTP {response.status_code}, not a KMS answer")
     try:
-        document = response.json()
+        document = json.loads(body)
         code = str(document.get("Code") or f"HTTP{response.status_code}")
         message = str(document.get("Message") or "")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         code, message = f"HTTP{response.status_code}", "KMS answered without a JSON error body"
     retry_after = _retry_after(response.headers.get("x-acs-retry-after"))
     return KmsError(response.status_code, code, message, retry_after=retry_after)

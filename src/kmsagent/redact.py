@@ -1,75 +1,190 @@
 """The last line of defence: no log record carries a secret value, credential or token it knows.
 
-The agent never logs those on purpose. In case a future message does by mistake, every secret
-value (and each string inside a JSON secret), AccessKeySecret, security token and SSRF token the
-agent handles is remembered here, and loguru's patcher (installed by logs.py) replaces any of
-them in a record's message with `[REDACTED]`. Values shorter than `MIN_LENGTH` are not guarded,
-since replacing them would mangle ordinary words; the most recent `LIMIT` values are kept.
+The agent never logs those on purpose. In case a future message does by mistake, the values it
+handles are guarded here, and loguru's patcher (installed by logs.py) replaces any of them in a
+record's message with `[REDACTED]`. Values shorter than `MIN_LENGTH` are not guarded, since
+replacing them would mangle ordinary words.
+
+What is guarded, and for how long, is bounded (SPEC §2: CacheSize is the memory limit; this
+module used to keep the last 4096 secret values of any size, with TtlSeconds = 0 too):
+- AccessKeySecrets, security tokens and the SSRF token (`remember`): always. They are few and
+  short; the newest `PINNED_LIMIT` of at most `PINNED_MAX_LENGTH` characters are kept.
+- A secret's text, and each string inside a JSON secret: while the cache holds it. The store
+  calls `hold_secret` for every value a load returns and `release_secret` once the cache lets go
+  of it (replaced, evicted, dropped, or not kept at all with TtlSeconds = 0); a value held by
+  several entries is counted. At most `HELD_BYTES` are held; a value beyond that is not guarded.
+- Released values stay guarded in a small recent set of `RECENT_BYTES`, oldest out first: a log
+  line written just after an eviction, or about a value that was never kept, is still masked.
+
+A guarded string is found by the dictionary of its first `MIN_LENGTH` characters, so scrubbing
+costs one look-up per character of the message, whatever the number of values guarded.
 """
 
 from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 MIN_LENGTH = 8
-LIMIT = 4096
 MARK = "[REDACTED]"
+PINNED_LIMIT = 256
+#: SPEC §2: a token file over 4 KB is refused; credentials are far shorter.
+PINNED_MAX_LENGTH = 4096
+#: Characters of secret text guarded while the cache holds it (1000 entries of 32 KB).
+HELD_BYTES = 32 * 2**20
+#: Characters of released secret text still guarded (a few of KMS's largest values).
+RECENT_BYTES = 256 * 2**10
 
-_known: OrderedDict[str, None] = OrderedDict()
-_by_prefix: dict[str, set[str]] = {}
+
+@dataclass
+class _Held:
+    holders: int
+    parts: tuple[str, ...]
+    size: int
 
 
-def remember(*values: str | None) -> None:
-    """Guards these strings from now on."""
-    for value in values:
-        if value is None or len(value) < MIN_LENGTH:
-            continue
-        if value in _known:
-            _known.move_to_end(value)
-            continue
-        _known[value] = None
-        _by_prefix.setdefault(value[:MIN_LENGTH], set()).add(value)
-        if len(_known) > LIMIT:
-            oldest, _ = _known.popitem(last=False)
-            prefixed = _by_prefix[oldest[:MIN_LENGTH]]
-            prefixed.discard(oldest)
+class Guard:
+    """The guarded values and the prefix index that `scrub` looks them up by."""
+
+    def __init__(self) -> None:
+        #: How many sources (pinned, held, recent) guard each string.
+        self._sources: dict[str, int] = {}
+        self._by_prefix: dict[str, set[str]] = {}
+        self._pinned: OrderedDict[str, None] = OrderedDict()
+        self._held: dict[str, _Held] = {}
+        self._held_bytes = 0
+        self._recent: OrderedDict[str, tuple[tuple[str, ...], int]] = OrderedDict()
+        self._recent_bytes = 0
+
+    def remember(self, *values: str | None) -> None:
+        """Guards these credentials or tokens from now on."""
+        for value in values:
+            if value is None or not MIN_LENGTH <= len(value) <= PINNED_MAX_LENGTH:
+                continue
+            if value in self._pinned:
+                self._pinned.move_to_end(value)
+                continue
+            self._pinned[value] = None
+            self._guard((value,))
+            if len(self._pinned) > PINNED_LIMIT:
+                oldest, _ = self._pinned.popitem(last=False)
+                self._unguard((oldest,))
+
+    def hold_secret(self, data: str) -> None:
+        """Guards a secret's text (and the strings of a JSON secret) while the cache holds it."""
+        held = self._held.get(data)
+        if held is not None:
+            held.holders += 1
+            return
+        recent = self._recent.pop(data, None)
+        if recent is not None:
+            self._recent_bytes -= recent[1]
+            parts, size = recent  # already guarded: it moves from the recent set
+        else:
+            parts = _parts(data)
+            size = sum(map(len, parts))
+            if self._held_bytes + size > HELD_BYTES:
+                return  # over the bound: not guarded (`release_secret` then keeps it briefly)
+            self._guard(parts)
+        self._held[data] = _Held(1, parts, size)
+        self._held_bytes += size
+
+    def release_secret(self, data: str) -> None:
+        """The cache let go of one holder of `data`: guarded a little longer, in the recent set."""
+        held = self._held.get(data)
+        if held is not None:
+            held.holders -= 1
+            if held.holders:
+                return
+            del self._held[data]
+            self._held_bytes -= held.size
+            parts, size = held.parts, held.size
+        elif data in self._recent:
+            self._recent.move_to_end(data)
+            return
+        else:
+            parts = _parts(data)
+            size = sum(map(len, parts))
+            self._guard(parts)
+        self._recent[data] = (parts, size)
+        self._recent_bytes += size
+        while self._recent_bytes > RECENT_BYTES:
+            _, (old_parts, old_size) = self._recent.popitem(last=False)
+            self._recent_bytes -= old_size
+            self._unguard(old_parts)
+
+    def remember_secret(self, data: str) -> None:
+        """Guards a secret that nothing holds, for a short while (the recent set)."""
+        self.release_secret(data)
+
+    def guarded_bytes(self) -> int:
+        """Characters of secret text guarded (held and recent)."""
+        return self._held_bytes + self._recent_bytes
+
+    def scrub(self, text: str) -> str:
+        """`text` with every guarded value replaced; one dictionary look-up per character."""
+        if not self._by_prefix or len(text) < MIN_LENGTH:
+            return text
+        by_prefix = self._by_prefix
+        found = {
+            value
+            for start in range(len(text) - MIN_LENGTH + 1)
+            for value in by_prefix.get(text[start : start + MIN_LENGTH], ())
+            if text.startswith(value, start)
+        }
+        for value in sorted(found, key=len, reverse=True):
+            text = text.replace(value, MARK)
+        return text
+
+    def _guard(self, parts: tuple[str, ...]) -> None:
+        for part in parts:
+            count = self._sources.get(part, 0)
+            self._sources[part] = count + 1
+            if not count:
+                self._by_prefix.setdefault(part[:MIN_LENGTH], set()).add(part)
+
+    def _unguard(self, parts: tuple[str, ...]) -> None:
+        for part in parts:
+            count = self._sources[part] - 1
+            if count:
+                self._sources[part] = count
+                continue
+            del self._sources[part]
+            prefixed = self._by_prefix[part[:MIN_LENGTH]]
+            prefixed.discard(part)
             if not prefixed:
-                del _by_prefix[oldest[:MIN_LENGTH]]
+                del self._by_prefix[part[:MIN_LENGTH]]
 
 
-def remember_secret(data: str) -> None:
-    """Guards a secret's text and, when it is a JSON object, every string inside it."""
-    remember(data)
+def _parts(data: str) -> tuple[str, ...]:
+    """The strings to guard for a secret: its text and, for a JSON object, every string inside."""
+    found = dict.fromkeys([data] if len(data) >= MIN_LENGTH else [])
     try:
         document = json.loads(data)
-    except ValueError:
-        return
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+        document = None
     stack: list[Any] = [document]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            remember(item)
+            if len(item) >= MIN_LENGTH:
+                found[item] = None
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+    return tuple(found)
 
 
-def scrub(text: str) -> str:
-    """`text` with every guarded value replaced; one dictionary look-up per character."""
-    if not _by_prefix or len(text) < MIN_LENGTH:
-        return text
-    found = {
-        value
-        for start in range(len(text) - MIN_LENGTH + 1)
-        for value in _by_prefix.get(text[start : start + MIN_LENGTH], ())
-        if text.startswith(value, start)
-    }
-    for value in sorted(found, key=len, reverse=True):
-        text = text.replace(value, MARK)
-    return text
+_guard = Guard()
+remember = _guard.remember
+hold_secret = _guard.hold_secret
+release_secret = _guard.release_secret
+remember_secret = _guard.remember_secret
+guarded_bytes = _guard.guarded_bytes
+scrub = _guard.scrub
 
 
 def patch_record(record: Any) -> None:

@@ -1,4 +1,9 @@
-"""The agent's secrets: the cache in front of the KMS client, with response bodies rendered once."""
+"""The agent's secrets: the cache in front of the KMS client, with response bodies rendered once.
+
+The store is where the cache and the KMS client meet: a load waits for its KMS slot inside the
+cache's `queued()` (a miss whose clients all hung up leaves the queue there), and each value is
+guarded for log redaction from its load until the cache lets go of it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from datetime import datetime, timezone
 import trio
 from loguru import logger
 
-from kmsagent.cache import Outcome, SecretCache
+from kmsagent import redact
+from kmsagent.cache import Outcome, SecretCache, queued
 from kmsagent.checks import DEFAULT_STAGE, SecretQuery
 from kmsagent.errors import AgentError
 from kmsagent.formats import ResponseFormat
@@ -38,18 +44,27 @@ class SecretStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cache = cache
+        cache.released = self._released
         self._kms = kms
         self._format = response_format
         self._clock = clock
 
-    async def get(self, query: SecretQuery) -> tuple[CachedSecret, Outcome]:
+    async def get(self, query: SecretQuery, *, keep_loading: bool = False) -> tuple[CachedSecret, Outcome]:
+        """The secret for `query`; `keep_loading`: its load goes on even if this read gives up."""
+
         async def load() -> CachedSecret:
             secret = await self._kms.get_secret_value(
-                query.secret_id, version_id=query.version_id, version_stage=query.version_stage
+                query.secret_id, version_id=query.version_id, version_stage=query.version_stage, queued=queued
             )
-            return CachedSecret(secret, self._format.secret(secret))
+            cached = CachedSecret(secret, self._format.secret(secret))
+            redact.hold_secret(secret.data)  # until `_released`: the cache sees every value once
+            return cached
 
-        return await self.cache.get(query.cache_key, load, refresh=query.refresh)
+        return await self.cache.get(query.cache_key, load, refresh=query.refresh, keep_loading=keep_loading)
+
+    @staticmethod
+    def _released(cached: CachedSecret) -> None:
+        redact.release_secret(cached.secret.data)
 
     async def prefetch(self, names: Sequence[str], *, wait: float) -> None:
         """Loads `names` (their ACSCurrent versions) as hot entries, waiting at most `wait` seconds.
@@ -65,7 +80,7 @@ class SecretStore:
             nonlocal loaded
             query = SecretQuery(name, "", DEFAULT_STAGE)
             try:
-                await self.get(query)
+                await self.get(query, keep_loading=True)
             except AgentError as error:
                 logger.warning("prefetch of {!r} failed: {}: {}", name, error.code, error.message)
             else:
