@@ -976,13 +976,19 @@ async def test_an_h2c_upgrade_never_yields_a_secret_without_the_token(
     await assert_still_serving(agent)
 
 
-async def test_http10_without_host_is_403_bad_host(start_agent: StartAgent) -> None:
+async def test_http10_may_omit_host_but_not_send_a_bad_one(start_agent: StartAgent) -> None:
+    """SPEC §3: "an HTTP/1.0 request may omit it" (HTTP/1.0 predates Host); the token is still needed."""
     agent = await start_agent()
-    for target in (SECRET_PATH, b"/ping"):
-        result = await exchange(agent.port, http_request(target, host=None, version=b"HTTP/1.0", close=False))
+    ping = await exchange(agent.port, http_request(b"/ping", host=None, version=b"HTTP/1.0", close=False))
+    assert ping.reply is not None and (ping.reply.status, ping.reply.body) == (200, b"healthy")
+    assert ping.closed  # HTTP/1.0 without keep-alive
+    assert_secret((await exchange(agent.port, http_request(SECRET_PATH, host=None, version=b"HTTP/1.0"))).reply)
+    no_token = await exchange(agent.port, http_request(SECRET_PATH, host=None, token=None, version=b"HTTP/1.0"))
+    assert assert_4xx(no_token.reply, 403).json()["Code"] == "BadToken"
+    for host in (b"evil.example", b""):
+        result = await exchange(agent.port, http_request(SECRET_PATH, host=host, version=b"HTTP/1.0"))
         assert assert_4xx(result.reply, 403).json()["Code"] == "BadHost"
         assert_no_secret(result.received)
-        assert result.closed  # HTTP/1.0 without keep-alive
 
 
 async def test_http10_with_host_and_token_is_served(start_agent: StartAgent) -> None:
