@@ -1,4 +1,6 @@
-"""The connection cap of SPEC §3: MaxConn, the 429, the /ping reserve, and slots coming back."""
+"""Connections: SPEC §3's cap (MaxConn, the 429, the /ping reserve, slots coming back), what one
+connection may hold (issue 10: one answer rendered, 64 KB read ahead), its end at shutdown, and the
+open-file limit that MaxConn needs."""
 
 from __future__ import annotations
 
@@ -27,7 +29,16 @@ PIPELINED = 300
 
 
 def http_request(target: str, extra: bytes = b"") -> bytes:
+    """A keep-alive GET with the token; `extra` is more header lines, each ending in CRLF."""
     return b"GET %s HTTP/1.1\r\nHost: localhost\r\nX-KMS-Token: %s\r\n%s\r\n" % (target.encode(), TOKEN.encode(), extra)
+
+
+async def open_unread_stream(port: int) -> trio.SocketStream:
+    """A client connection with a small receive buffer (4 KB), for clients that read nothing."""
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
 
 
 @asynccontextmanager
@@ -79,6 +90,18 @@ async def test_beyond_max_conn_requests_get_429_but_ping_answers(start_agent: St
     assert (await one_request(agent.port, SECRET_PATH)).status_code == 200
 
 
+async def test_both_429s_carry_the_reason_phrase(start_agent: StartAgent) -> None:
+    """SPEC §3: `HTTP/1.1 429 Too Many Requests`, from the app (the /ping reserve) and from the
+    refusal sent without reading the request (beyond the reserve)."""
+    agent = await start_agent(server={"max_conn": 1})
+    async with held_connections(agent.port, 1):
+        in_reserve = await raw_exchange(agent.port, http_request(SECRET_PATH))
+        assert in_reserve.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), in_reserve[:60]
+        async with held_connections(agent.port, 2):
+            beyond = await raw_exchange(agent.port, http_request(SECRET_PATH))
+            assert beyond.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), beyond[:60]
+
+
 async def test_a_client_closing_an_idle_connection_frees_its_slot_at_once(start_agent: StartAgent) -> None:
     agent = await start_agent(server={"max_conn": 1})
     async with held_connections(agent.port, 1):
@@ -90,11 +113,11 @@ async def test_a_client_closing_an_idle_connection_frees_its_slot_at_once(start_
 
 async def test_a_client_leaving_with_pipelined_requests_frees_its_slot(start_agent: StartAgent) -> None:
     agent = await start_agent(server={"max_conn": 1})
-    request = b"GET /secretsmanager/get?secretId=db/password HTTP/1.1\r\nHost: localhost\r\nX-KMS-Token: " + TOKEN.encode() + b"\r\n\r\n"
+    request = http_request(SECRET_PATH)
     stream = await trio.open_tcp_stream("127.0.0.1", agent.port)
     await stream.send_all(request)
     assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
-    await stream.send_all(request * 3)  # h11 parks the read loop behind the second request
+    await stream.send_all(request * 3)  # the second waits for the first's answer, the third behind it
     await stream.aclose()
     # Hypercorn alone would wait forever for the parked reader, holding the only slot.
     await trio.testing.wait_all_tasks_blocked(cushion=0.05)
@@ -129,7 +152,8 @@ async def read_responses(stream: trio.SocketStream, count: int) -> list[bytes]:
             assert chunk, f"closed after {len(statuses)} responses"
             buffer += chunk
         head, buffer = buffer.split(b"\r\n\r\n", 1)
-        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+        lengths = [line[15:] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        length = int(lengths[0])
         while len(buffer) < length:
             chunk = await stream.receive_some(2**16)
             assert chunk, f"closed inside response {len(statuses) + 1}"
@@ -151,14 +175,11 @@ async def test_a_client_that_pipelines_and_never_reads_has_one_answer_rendered_a
     agent = await start_agent()
     assert (await agent.get("/secretsmanager/get?secretId=big")).status_code == 200  # now cached
     request = http_request("/secretsmanager/get?secretId=big", b"X-Pad: " + b"p" * 400 + b"\r\n")
-    sock = trio.socket.socket()
-    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", agent.port))
-    async with trio.SocketStream(sock) as stream, trio.open_nursery() as nursery:
+    async with await open_unread_stream(agent.port) as stream, trio.open_nursery() as nursery:
         nursery.start_soon(stream.send_all, request * PIPELINED)  # 150 KB: may wait for the agent to read
         await trio.testing.wait_all_tasks_blocked(cushion=0.1)
         rendered = await scrape(agent, "kmsagent_requests_total", route="secret", status="200") - 1
-        assert rendered <= 20, f"{rendered:.0f} of {PIPELINED} pipelined answers rendered while the client reads none"
+        assert rendered <= 20, f"{rendered:.0f} of {PIPELINED} answers rendered while the client reads none"
         with trio.fail_after(10):
             assert await read_responses(stream, PIPELINED) == [b"HTTP/1.1 200 OK"] * PIPELINED
 
@@ -179,7 +200,6 @@ async def test_a_client_leaving_while_its_request_waits_with_more_behind_frees_i
         assert (await one_request(agent.port, SECRET_PATH)).status_code == 200
 
 
-
 async def test_sigterm_ends_the_agent_within_5_s_while_a_client_pipelines_and_never_reads(
     tmp_path: Path, emulator: KmsEmulator
 ) -> None:
@@ -188,10 +208,7 @@ async def test_sigterm_ends_the_agent_within_5_s_while_a_client_pipelines_and_ne
     emulator.put_secret("big", "b" * 30_000)
     config = write_config(tmp_path, emulator.endpoint)
     async with agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent:
-        sock = trio.socket.socket()
-        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
-        await sock.connect(("127.0.0.1", agent.port))
-        async with trio.SocketStream(sock) as stream:
+        async with await open_unread_stream(agent.port) as stream:
             await stream.send_all(http_request("/secretsmanager/get?secretId=big") * 500)
             with trio.fail_after(10):
                 assert (await stream.receive_some(1)) == b"H"  # answering has begun; nothing more is read
@@ -209,8 +226,10 @@ def _open_files(pid: int) -> tuple[int, int]:
 
 
 @asynccontextmanager
-async def agent_with_open_file_limit(tmp_path: Path, endpoint: str, soft: int, hard: int) -> AsyncIterator[trio.Process]:
-    """The agent with MaxConn = 1000, started under the given RLIMIT_NOFILE (as systemd's 1024 would)."""
+async def agent_with_open_file_limit(
+    tmp_path: Path, endpoint: str, soft: int, hard: int
+) -> AsyncIterator[trio.Process]:
+    """The agent with MaxConn = 1000, started under this RLIMIT_NOFILE (systemd's default: 1024)."""
     config = write_config(tmp_path, endpoint)
     config.write_text(config.read_text().replace("HttpPort = 0", "HttpPort = 0\nMaxConn = 1000"))
     stderr = (tmp_path / "stderr.txt").open("wb")

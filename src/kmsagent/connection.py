@@ -9,11 +9,11 @@ when the protocol has finished it. The protocol's parser (h11), its streams and 
 (Quart-trio) are hypercorn's and Quart's; its event loop over h11 is ours (`_Http11Only`).
 
 Memory per connection is bounded: one response rendered and unsent, at most HOLD_LIMIT bytes
-read ahead of it, and what h11 keeps (the last read, MAX_RECEIVE, plus an incomplete request of
-at most hypercorn's `h11_max_incomplete_size`, 16 KB). In hypercorn 0.18.0 the next pipelined
+read ahead of it, and what h11 keeps (one read, MAX_RECEIVE, plus an incomplete request of at
+most hypercorn's `h11_max_incomplete_size`, 16 KB). In hypercorn 0.18.0 the next pipelined
 request is parsed as soon as a response is rendered, before it is sent, so a client that
 pipelines and never reads had every answer rendered and queued: 20 connections pipelining 1000
-`GET /metrics` each took the agent from 74 to 152 MB, released only after a 10 s send timeout.
+`GET /metrics` each took the agent from 74 to 152 MB, held until a 10 s send timeout (now 77 MB).
 
 It also ends the connection as soon as the client is gone, so the slot of the cap comes back:
 - requests pipelined behind one in progress are held unparsed, and reading goes on (up to
@@ -99,6 +99,11 @@ class _Http11Only(H11Protocol):
         #: h11 holds a request (or more) behind the one in progress.
         self.paused = False
 
+    @property
+    def receiving_body(self) -> bool:
+        """The request in progress has more body to come: data read now is its, not a next request's."""
+        return self.connection.their_state is h11.SEND_BODY
+
     async def feed(self, data: bytes) -> None:
         """Parses `data` (or, with none, what h11 kept) until the next request is in progress."""
         if data:
@@ -147,7 +152,7 @@ class _Http11Only(H11Protocol):
 
     async def _send_error_response(self, status_code: int) -> None:
         status = 400 if status_code >= 500 else status_code
-        await self._send_error(PARSER_ERRORS.get(status) or AgentError(status, "BadRequest", "malformed HTTP request"))
+        await self._send_error(PARSER_ERRORS.get(status) or AgentError(status, "BadRequest", "malformed request"))
 
     async def _send_error(self, error: AgentError) -> None:
         """SPEC §4's body for `error`, with `Connection: close`: the rest of the stream is not trusted."""
@@ -236,34 +241,39 @@ class Connection:
     async def _read(self) -> None:
         with self._reading:
             while True:
-                if self.idle and (self._protocol.paused or self._held):
-                    # The last response has left: the next request, from what h11 kept, else from
-                    # what was held meanwhile (never both: h11's buffer stays one read long).
+                if self.idle and self._waiting:
+                    # The last response has left: the next request comes from what h11 kept, else
+                    # from what was held meanwhile (never both: h11's buffer stays one read long).
                     data = b""
                     if not self._protocol.paused:
                         data, self._held = bytes(self._held), bytearray()
                     await self._protocol.feed(data)
                     continue
                 try:
-                    if self.idle or not (self._protocol.paused or self._held):
-                        data = await self._stream.receive_some(MAX_RECEIVE)
-                    elif (held := await self._receive_ahead()) is not None:
-                        data = held
+                    if self._waiting:
+                        received = await self._receive_ahead()
                     else:
-                        continue  # the exchange ended
+                        received = await self._stream.receive_some(MAX_RECEIVE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     break
-                if not data:
+                if received is None:
+                    continue  # the exchange ended: on to what waits
+                if not received:
                     if not self.idle:
                         self._exchanges.cancel()
                     break
-                if self.idle and not self._held and not self._protocol.paused:
-                    await self._protocol.feed(data)
+                if self._waiting or not (self.idle or self._protocol.receiving_body):
+                    self._held += received  # behind the request in progress
                 else:
-                    self._held += data
+                    await self._protocol.feed(received)
         await self._protocol.handle(Closed())
 
-    async def _receive_ahead(self) -> bytes | None:
+    @property
+    def _waiting(self) -> bool:
+        """Bytes wait for the parser: requests h11 kept, or bytes held behind them."""
+        return self._protocol.paused or bool(self._held)
+
+    async def _receive_ahead(self) -> bytes | bytearray | None:
         """Reads at most HOLD_LIMIT ahead while a request is in progress; None once it ends."""
         with trio.CancelScope() as self._wake:
             try:

@@ -130,7 +130,8 @@ class HttpServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accepts until `shutdown()` returns, then lets open requests finish (bounded) and exits."""
-        raise_open_file_limit(self.slots.max_conn + PING_RESERVE + MAX_REFUSING + OTHER_DESCRIPTORS, self.slots.max_conn)
+        max_conn = self.slots.max_conn
+        raise_open_file_limit(max_conn + PING_RESERVE + MAX_REFUSING + OTHER_DESCRIPTORS, max_conn)
         sockets = bind_loopback(self._port, self._ipv6)
         lifespan = Lifespan(self._app, self._config, self._lifespan_state)
         async with trio.open_nursery() as lifespan_nursery:
