@@ -250,6 +250,7 @@ Restart=on-failure
 RestartSec=2
 KillSignal=SIGTERM
 TimeoutStopSec=10
+LimitNOFILE=4096
 UMask=0077
 
 # Hardening: the agent reads its venv, config and token, writes only its logs, and talks TCP.

@@ -19,6 +19,7 @@ import json
 import re
 import string
 from collections import Counter
+from http import HTTPStatus
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -957,6 +958,38 @@ async def test_an_http2_preface_does_not_hold_a_slot_past_the_idle_timeout(
     await assert_still_serving(agent)
 
 
+H2_EMPTY_SETTINGS = bytes.fromhex("000000040000000000")  # length 0, type 4, flags 0, stream 0
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "version"),
+    [
+        # An HTTP/2 client with prior knowledge: the preface, then an (empty) SETTINGS frame.
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + H2_EMPTY_SETTINGS, b"2.0", id="h2-preface"),
+        pytest.param(http_request(b"/ping", version=b"HTTP/2.0", close=False), b"2.0", id="HTTP/2.0-line"),
+        pytest.param(http_request(b"/ping", version=b"HTTP/3.0", close=False), b"3.0", id="HTTP/3.0-line"),
+    ],
+)
+async def test_another_http_version_gets_one_readable_400_then_a_close(
+    start_agent: StartAgent, request_bytes: bytes, version: bytes
+) -> None:
+    """Issue 11: the HTTP/2 preface got a 403 (as a request without Host), then a 400 without a body
+    for "SM"; SPEC §3 serves HTTP/1.1, and says so in one answer."""
+    agent = await start_agent()
+    async with await RawConn.open(agent.port) as conn:
+        with trio.fail_after(ANSWER_TIMEOUT):
+            await conn.send(request_bytes)
+            reply = await conn.reply()
+            assert await conn.closed()
+    assert conn.received.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert conn.received.count(b"HTTP/1.1 ") == 1
+    body = assert_4xx(reply, 400).json()
+    message = f"HTTP/{version.decode()} is not supported; use HTTP/1.1"
+    assert (body["Code"], body["Message"]) == ("UnsupportedProtocol", message)
+    assert reply is not None and reply.header(b"connection") == b"close"
+    await assert_still_serving(agent)
+
+
 async def test_an_h2c_upgrade_never_yields_a_secret_without_the_token(
     start_agent: StartAgent, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -976,13 +1009,19 @@ async def test_an_h2c_upgrade_never_yields_a_secret_without_the_token(
     await assert_still_serving(agent)
 
 
-async def test_http10_without_host_is_403_bad_host(start_agent: StartAgent) -> None:
+async def test_http10_may_omit_host_but_not_send_a_bad_one(start_agent: StartAgent) -> None:
+    """SPEC §3: "an HTTP/1.0 request may omit it" (HTTP/1.0 predates Host); the token is still needed."""
     agent = await start_agent()
-    for target in (SECRET_PATH, b"/ping"):
-        result = await exchange(agent.port, http_request(target, host=None, version=b"HTTP/1.0", close=False))
+    ping = await exchange(agent.port, http_request(b"/ping", host=None, version=b"HTTP/1.0", close=False))
+    assert ping.reply is not None and (ping.reply.status, ping.reply.body) == (200, b"healthy")
+    assert ping.closed  # HTTP/1.0 without keep-alive
+    assert_secret((await exchange(agent.port, http_request(SECRET_PATH, host=None, version=b"HTTP/1.0"))).reply)
+    no_token = await exchange(agent.port, http_request(SECRET_PATH, host=None, token=None, version=b"HTTP/1.0"))
+    assert assert_4xx(no_token.reply, 403).json()["Code"] == "BadToken"
+    for host in (b"evil.example", b""):
+        result = await exchange(agent.port, http_request(SECRET_PATH, host=host, version=b"HTTP/1.0"))
         assert assert_4xx(result.reply, 403).json()["Code"] == "BadHost"
         assert_no_secret(result.received)
-        assert result.closed  # HTTP/1.0 without keep-alive
 
 
 async def test_http10_with_host_and_token_is_served(start_agent: StartAgent) -> None:
@@ -1042,6 +1081,31 @@ async def test_conflicting_body_framing_is_refused_or_handled(start_agent: Start
 
 
 @pytest.mark.parametrize(
+    "framing",
+    [
+        [(b"Content-Length", b"5"), (b"Transfer-Encoding", b"chunked")],
+        [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"0")],
+    ],
+    ids=["CL-then-TE", "TE-then-CL"],
+)
+async def test_content_length_with_transfer_encoding_is_answered_then_closed(
+    start_agent: StartAgent, framing: list[tuple[bytes, bytes]]
+) -> None:
+    """RFC 9112 §6.1: such a request may be a smuggling attempt; whatever the answer, the
+    connection closes after it, so nothing behind it is read as a request (h11 alone kept it open)."""
+    agent = await start_agent()
+    request = http_request(b"/ping", headers=framing, close=False) + b"0\r\n\r\n" + http_request(b"/ping", close=False)
+    async with await RawConn.open(agent.port) as conn:
+        with trio.fail_after(2):  # not the 5 s keep-alive timeout
+            await conn.send(request)
+            reply = await conn.reply()
+            assert await conn.closed()
+    assert conn.received.count(b"HTTP/1.1 ") == 1
+    assert assert_4xx(reply, 400).json()["Code"] == "BadRequest"
+    assert reply is not None and reply.header(b"connection") == b"close"
+
+
+@pytest.mark.parametrize(
     "encodings",
     [[b"gzip"], [b"chunked", b"chunked"], [b"gzip, chunked"], [b"identity"]],
     ids=["gzip", "chunked-twice", "gzip-chunked", "identity"],
@@ -1093,6 +1157,24 @@ async def test_a_get_with_a_body_is_served_and_the_body_is_not_a_request(start_a
             assert second is not None and (second.status, second.body) == (200, b"healthy")
             await conn.closed()
         assert conn.received.count(b"HTTP/1.1 ") == 2
+
+
+async def test_a_body_that_comes_while_its_request_waits_for_kms_keeps_the_connection(
+    start_agent: StartAgent, emulator: KmsEmulator
+) -> None:
+    """Bytes read while a request is in progress wait unparsed, but not the rest of its own body:
+    that is parsed (and discarded), so the request completes and the next one is answered."""
+    agent = await start_agent()
+    emulator.inject(Fault(delay=0.3), times=1)
+    async with await RawConn.open(agent.port) as conn:
+        with trio.fail_after(ANSWER_TIMEOUT):
+            await conn.send(http_request(SECRET_PATH, headers=[(b"Content-Length", b"4")], close=False))
+            await trio.testing.wait_all_tasks_blocked()  # the KMS call is under way
+            await conn.send(b"body" + http_request(b"/ping"))
+            assert_secret(await conn.reply())
+            ping = await conn.reply()
+            assert ping is not None and (ping.status, ping.body) == (200, b"healthy")
+            assert await conn.closed()
 
 
 @pytest.mark.parametrize(
@@ -1353,6 +1435,89 @@ async def test_expect_100_continue_gets_its_final_answer(start_agent: StartAgent
                 if (b"Content-Length", b"2") in headers:
                     await conn.send(b"{}")
                 assert_secret(await conn.reply())
+
+
+@pytest.mark.parametrize(("token", "status"), [(None, 403), (TOKEN_B, 200)], ids=["refused", "served"])
+async def test_100_continue_is_never_sent_before_the_checks_have_decided(
+    start_agent: StartAgent, token: bytes | None, status: int
+) -> None:
+    """Issue 10: hypercorn sent `100 Continue` as soon as it parsed the head, inviting the body of a
+    request the checks then refused. The final answer comes first (RFC 9110 §10.1.1 allows it)."""
+    agent = await start_agent()
+    expect = [(b"Expect", b"100-continue"), (b"Content-Length", b"2")]
+    async with await RawConn.open(agent.port) as conn:
+        with trio.fail_after(ANSWER_TIMEOUT):
+            await conn.send(http_request(SECRET_PATH, token=token, headers=expect, close=False))  # the body waits
+            reply = await conn.reply()
+            assert await conn.closed()  # the unread body would be taken for the next request
+    assert conn.received.startswith(b"HTTP/1.1 %d " % status), conn.received[:80]
+    assert b"HTTP/1.1 100" not in conn.received
+    if status == 200:
+        assert_secret(reply)
+    else:
+        assert_4xx(reply, 403)
+
+
+#: Past h11's limit for an incomplete head (16 KB), and all read at once (no reset for unread bytes).
+BIG_HEAD = b"GET /ping HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"b" * 20_000 + b"\r\n"
+PARSER_ERRORS = [
+    pytest.param(b"GET /ping HTTP/1.1\r\nHost : localhost\r\n\r\n", 400, "BadRequest", id="space-before-colon"),
+    pytest.param(b"GET /ping HTTP/1.1\r\n\r\n", 400, "BadRequest", id="HTTP/1.1-without-Host"),
+    pytest.param(
+        http_request(b"/ping", headers=[(b"Transfer-Encoding", b"gzip")]), 400, "BadRequest", id="unknown-TE"
+    ),
+    pytest.param(BIG_HEAD, 431, "RequestHeaderFieldsTooLarge", id="20KB-unfinished-head"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "status", "code"), PARSER_ERRORS)
+@pytest.mark.parametrize("response_type", [0, 1, 2])
+async def test_parser_errors_carry_the_error_body_of_spec_4(
+    start_agent: StartAgent, request_bytes: bytes, status: int, code: str, response_type: int
+) -> None:
+    """Issue 10: h11's own 400 and 431 had an empty body; they are SPEC §4 errors like any other,
+    in the configured ResponseType, and the connection closes after them."""
+    agent = await start_agent(server={"response_type": response_type})
+    result = await exchange(agent.port, request_bytes)
+    assert result.reply is not None and result.closed
+    assert result.received.startswith(b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()))
+    assert result.reply.status == status and result.reply.header(b"content-type") == b"application/json"
+    assert result.reply.header(b"connection") == b"close"
+    body = result.reply.json()
+    if response_type == 0:
+        assert (body["Code"], body["HttpStatus"]) == (code, status) and body["Message"]
+    elif response_type == 1:
+        assert body["__type"] == code and body["message"]
+    else:
+        assert body["errors"][0].startswith(code + ": ")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(http_request(b"/ping"), 200, id="ping"),
+        pytest.param(http_request(b"/metrics"), 200, id="metrics"),
+        pytest.param(http_request(SECRET_PATH), 200, id="secret"),
+        pytest.param(http_request(b"/secretsmanager/get?secretId=nope"), 404, id="kms-404"),
+        pytest.param(http_request(b"/nowhere"), 404, id="not-found"),
+        pytest.param(http_request(SECRET_PATH, token=None), 403, id="bad-token"),
+        pytest.param(http_request(SECRET_PATH, host=b"evil.example"), 403, id="bad-host"),
+        pytest.param(http_request(SECRET_PATH, method=b"POST"), 405, id="post"),
+        pytest.param(http_request(SECRET_PATH, headers=[(b"Forwarded", b"for=1.2.3.4")]), 400, id="forwarded"),
+        pytest.param(http_request(b"/secretsmanager/get?bogus=1"), 400, id="bad-parameter"),
+        pytest.param(b"GET /ping HTTP/1.1\r\nHost : localhost\r\n\r\n", 400, id="parser-400"),
+        pytest.param(BIG_HEAD, 431, id="parser-431"),
+    ],
+)
+async def test_status_lines_carry_the_standard_reason_phrase(
+    start_agent: StartAgent, request_bytes: bytes, status: int
+) -> None:
+    """SPEC §3 (issue 11): `HTTP/1.1 404 Not Found`, never `HTTP/1.1 404 ` (clients printed
+    "HTTP Error 404: " and nothing after it)."""
+    agent = await start_agent()
+    result = await exchange(agent.port, request_bytes)
+    status_line = result.received.split(b"\r\n", 1)[0]
+    assert status_line == b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())
 
 
 @pytest.mark.parametrize("target", [b"?secretId=db/password", b"?", b"??", b"#", b"#?secretId=db/password"])

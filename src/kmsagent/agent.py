@@ -69,13 +69,12 @@ async def run_agent(
         store = SecretStore(cache, kms, formatter, clock=clock)
         refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
         app = AgentApp(config=config.server, token=token, store=store, response_format=formatter, metrics=metrics)
-        refusal = errors.AgentError(429, "ConnectionLimitExceeded", "too many connections open")
         server = HttpServer(
             app,
             port=config.server.http_port,
             ipv6=config.server.bind_ipv6,
             max_conn=config.server.max_conn,
-            refusal_body=formatter.error(refusal),
+            error_body=formatter.error,
         )
         metrics.watch("kmsagent_cache_entries", "Secrets in the cache.", lambda: len(cache))
         metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)

@@ -127,6 +127,7 @@ class AgentApp(QuartTrio):
                 over_limit=bool(scope.get("extensions", {}).get(OVER_LIMIT)),
                 config=self.agent_config,
                 token_matches=self.token.matches,
+                http_version=scope.get("http_version", "1.1"),
             )
             if target is Route.PING:
                 status, headers, body = PING

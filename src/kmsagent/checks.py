@@ -51,14 +51,16 @@ def check_request(
     over_limit: bool,
     config: ServerConfig,
     token_matches: Callable[[Sequence[bytes]], bool],
+    http_version: str = "1.1",
 ) -> Route | SecretQuery:
-    """Runs the checks of SPEC §3 in order; `headers` have lower-case names, as in ASGI."""
+    """Runs the checks of SPEC §3 in order; `headers` have lower-case names, as in ASGI, and
+    `http_version` is the ASGI scope's ("1.0", "1.1")."""
     route = Route(path) if path in (Route.PING.value, Route.METRICS.value) else None
     if over_limit and route is not Route.PING:
         raise AgentError(429, "ConnectionLimitExceeded", f"more than {config.max_conn} connections open")
     if any(name in (b"x-forwarded-for", b"forwarded") for name, _ in headers):
         raise AgentError(400, "Forwarded", "forwarded requests are refused: call the agent directly")
-    _check_host(headers)
+    _check_host(headers, optional=http_version == "1.0")
     if route is None:
         wanted = {name.lower().encode() for name in config.ssrf_headers}
         if not token_matches([value for name, value in headers if name in wanted]):
@@ -77,8 +79,11 @@ def check_request(
     raise AgentError(404, "NotFound", "unknown path")
 
 
-def _check_host(headers: Headers) -> None:
+def _check_host(headers: Headers, *, optional: bool) -> None:
+    """SPEC §3: one loopback Host; HTTP/1.0 predates Host, so there it may be missing."""
     hosts = [value for name, value in headers if name == b"host"]
+    if not hosts and optional:
+        return
     if len(hosts) != 1 or _host_name(hosts[0]) not in ALLOWED_HOSTS:
         raise AgentError(403, "BadHost", "Host must be localhost, 127.0.0.1 or [::1]")
 

@@ -5,13 +5,20 @@ than in it (NOTES.md: about 0.6 ms of CPU per request): the keep-alive timer is 
 and cancelled twice per request, and each of the three or four pieces of a response is written
 under a lock and a shielded cancel scope of its own. Here the timer is a deadline on the read
 that the protocol's idle/busy events move, and a response is buffered and leaves in one send
-when the protocol has finished it. The protocol itself (`ProtocolWrapper`, h11) and the app
-(Quart-trio) are hypercorn's and Quart's, unchanged.
+when the protocol has finished it. The protocol's parser (h11), its streams and the app
+(Quart-trio) are hypercorn's and Quart's; its event loop over h11 is ours (`_Http11Only`).
+
+Memory per connection is bounded: one response rendered and unsent, at most HOLD_LIMIT bytes
+read ahead of it, and what h11 keeps (one read, MAX_RECEIVE, plus an incomplete request of at
+most hypercorn's `h11_max_incomplete_size`, 16 KB). In hypercorn 0.18.0 the next pipelined
+request is parsed as soon as a response is rendered, before it is sent, so a client that
+pipelines and never reads had every answer rendered and queued: 20 connections pipelining 1000
+`GET /metrics` each took the agent from 74 to 152 MB, held until a 10 s send timeout (now 77 MB).
 
 It also ends the connection as soon as the client is gone, so the slot of the cap comes back:
-- in hypercorn 0.18.0, requests pipelined behind one in progress park the read loop on h11's
-  PAUSED state, and when the client then hangs up the failed send never wakes it, so the
-  connection waited forever; a failed send here cancels the read;
+- requests pipelined behind one in progress are held unparsed, and reading goes on (up to
+  HOLD_LIMIT) so that a hang-up is seen; in hypercorn the read loop parked on h11's PAUSED state
+  and a failed send never woke it, so the connection waited forever;
 - a client that hangs up while its request waits (on a slow KMS) cancels that request; the KMS
   load goes on in the cache's nursery. TCP cannot tell this from a client that only half-closed,
   which therefore gets a close instead of a late answer.
@@ -20,39 +27,146 @@ It also ends the connection as soon as the client is gone, so the slot of the ca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from http import HTTPStatus
+
 import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.events import Body, Data, EndBody, Response
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import parse_socket_addr
 
+from kmsagent.errors import AgentError
+
 MAX_RECEIVE = 2**16
+#: Read ahead while a request is served, to see the client hang up; then reading waits.
+HOLD_LIMIT = 2**16
 #: A response that cannot be written in this long (a client that stopped reading) ends the connection.
 SEND_TIMEOUT = 10.0
 #: Responses are flushed when done; a larger buffer is flushed early.
 FLUSH_SIZE = 2**16
-_INFORMATIONAL = b"HTTP/1.1 1"
+#: SPEC §3: every status line carries its standard reason phrase.
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+#: SPEC §4 bodies for requests h11 refuses before the app sees them, by h11's status hint.
+PARSER_ERRORS = {
+    400: AgentError(400, "BadRequest", "malformed HTTP request"),
+    431: AgentError(431, "RequestHeaderFieldsTooLarge", "the request line and headers are over 16 KB"),
+}
+#: Renders an error in the configured ResponseType (formats.ResponseFormat.error).
+ErrorBody = Callable[[AgentError], bytes]
+
+
+def _refusal(request: h11.Request) -> AgentError | None:
+    """Requests answered without the app, then closed: other protocols and ambiguous framing.
+
+    An HTTP/2 prior-knowledge preface parses as `PRI * HTTP/2.0`; one readable HTTP/1.1 answer
+    tells the client what went wrong (SPEC §3 is HTTP/1.1; on HTTP/2 one connection would carry
+    many requests, and MaxConn would no longer bound them). RFC 9112 §6.1: a request with both
+    Content-Length and Transfer-Encoding may be a smuggling attempt, and the connection must close.
+    """
+    if not request.http_version.startswith(b"1."):
+        version = request.http_version.decode("ascii", "replace")
+        return AgentError(400, "UnsupportedProtocol", f"HTTP/{version} is not supported; use HTTP/1.1")
+    names = {name for name, _ in request.headers}  # lower-cased by h11
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return AgentError(400, "BadRequest", "Content-Length and Transfer-Encoding together are ambiguous")
+    return None
 
 
 class _Http11Only(H11Protocol):
-    """Hypercorn's HTTP/1.1 protocol without its ways out of HTTP/1.1, and with 4xx for bad framing.
+    """Hypercorn's HTTP/1.1 protocol, one request at a time, with SPEC §3/§4 answers of its own.
 
-    SPEC §3 is HTTP/1.1: an `Upgrade: h2c` or an HTTP/2 preface would move the connection to
-    HTTP/2, where one connection carries many requests (MaxConn no longer bounds them) and the
-    idle deadline is never re-armed. Here they are plain HTTP/1.1 requests that the checks refuse.
-    h11 hints 501 for a Transfer-Encoding it does not implement; a client's malformed request is a
-    client error, and the agent answers no 5xx to one.
+    - One exchange at a time: h11's PAUSED (a request pipelined behind the one in progress) ends
+      `feed` instead of parking it; the connection feeds again once the response has been sent.
+    - No way out of HTTP/1.1: an `Upgrade: h2c` is a plain HTTP/1.1 request that the checks
+      refuse, and an HTTP/2 preface gets a 400 (see `_refusal`).
+    - No `100 Continue` before the app has decided: every request the agent serves is a GET
+      without a body, so a client that sent `Expect: 100-continue` gets the final answer at once
+      (RFC 9110 §10.1.1 allows it), and one that would be refused never sends its body.
+    - Reason phrases on every status line, and SPEC §4 bodies on h11's own 400/431 (a 5xx hint,
+      such as 501 for an unknown Transfer-Encoding, is a client error: 400).
     """
 
-    async def _check_protocol(self, event: h11.Request) -> None:
-        return None
+    def __init__(self, *args: object, error_body: ErrorBody) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self._error_body = error_body
+        #: h11 holds a request (or more) behind the one in progress.
+        self.paused = False
+
+    @property
+    def receiving_body(self) -> bool:
+        """The request in progress has more body to come: data read now is its, not a next request's."""
+        return self.connection.their_state is h11.SEND_BODY
+
+    async def feed(self, data: bytes) -> None:
+        """Parses `data` (or, with none, what h11 kept) until the next request is in progress."""
+        if data:
+            self.connection.receive_data(data)
+        await self._handle_events()
+
+    async def _handle_events(self) -> None:
+        self.paused = False
+        while True:
+            try:
+                event = self.connection.next_event()
+            except h11.RemoteProtocolError as error:
+                if self.connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
+                    await self._send_error_response(error.error_status_hint)
+                await self.send(Closed())
+                return
+            if isinstance(event, h11.Request):
+                await self.send(Updated(idle=False))
+                refusal = _refusal(event)
+                if refusal is not None:
+                    await self._send_error(refusal)
+                    await self.send(Closed())
+                    return
+                await self._create_stream(event)
+            elif event is h11.PAUSED:
+                self.paused = True
+                return
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.NEED_DATA or self.stream is None:
+                return
+            elif isinstance(event, h11.Data):
+                await self.stream.handle(Body(stream_id=STREAM_ID, data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self.stream.handle(EndBody(stream_id=STREAM_ID))
+            elif isinstance(event, Data):  # a WebSocket handshake's pass-through
+                await self.stream.handle(event)
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Response) and event.status_code >= 200:
+            headers = [*event.headers, *self.config.response_headers("h11")]
+            if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+                headers.append((b"connection", b"close"))
+            reason = REASONS.get(event.status_code, b"")
+            await self._send_h11_event(h11.Response(status_code=event.status_code, headers=headers, reason=reason))
+        else:
+            await super().stream_send(event)
 
     async def _send_error_response(self, status_code: int) -> None:
-        await super()._send_error_response(400 if status_code >= 500 else status_code)
+        status = 400 if status_code >= 500 else status_code
+        await self._send_error(PARSER_ERRORS.get(status) or AgentError(status, "BadRequest", "malformed request"))
+
+    async def _send_error(self, error: AgentError) -> None:
+        """SPEC §4's body for `error`, with `Connection: close`: the rest of the stream is not trusted."""
+        body = self._error_body(error)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        reason = REASONS.get(error.status, b"")
+        await self._send_h11_event(h11.Response(status_code=error.status, headers=headers, reason=reason))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
 
 
 class Connection:
@@ -65,16 +179,26 @@ class Connection:
         context: WorkerContext,
         state: ConnectionState,
         stream: trio.SocketStream,
+        error_body: ErrorBody,
     ) -> None:
         self._app = app
         self._config = config
         self._context = context
         self._state = state
         self._stream = stream
+        self._error_body = error_body
         self._buffer: list[bytes] = []
         self._send_lock = trio.Lock()
         self._reading = trio.CancelScope(deadline=trio.current_time() + config.keep_alive_timeout)
         self._exchanges = trio.CancelScope()
+        #: Bytes read while a request was in progress, not yet given to the parser.
+        self._held = bytearray()
+        #: Set while the read loop waits for a request in progress that has more behind it.
+        self._wake: trio.CancelScope | None = None
+        #: Sends under way (shielded), whose deadline a server shutdown brings forward.
+        self._sendings: set[trio.CancelScope] = set()
+        self._stop_deadline = math.inf
+        #: No request in progress and no response unsent.
         self.idle = True
         self._protocol: _Http11Only
 
@@ -97,43 +221,85 @@ class Connection:
                         client,
                         server,
                         self._protocol_send,
+                        error_body=self._error_body,
                     )
-                    await self._protocol.initiate()
                     await self._read()
         except OSError:
             pass
         finally:
             await trio.aclose_forcefully(self._stream)
 
-    def close_if_idle(self) -> None:
-        """Server shutdown: an idle keep-alive connection ends now; a busy one after its response."""
+    def stop(self, deadline: float) -> None:
+        """Server shutdown: an idle connection ends now; a busy one may finish its response until
+        `deadline`, its send included (SPEC §1: exit within 5 s, whatever the client does)."""
+        self._stop_deadline = deadline
+        for sending in self._sendings:
+            sending.deadline = min(sending.deadline, deadline)
         if self.idle:
             self._reading.cancel()
 
     async def _read(self) -> None:
         with self._reading:
             while True:
+                if self.idle and self._waiting:
+                    # The last response has left: the next request comes from what h11 kept, else
+                    # from what was held meanwhile (never both: h11's buffer stays one read long).
+                    data = b""
+                    if not self._protocol.paused:
+                        data, self._held = bytes(self._held), bytearray()
+                    await self._protocol.feed(data)
+                    continue
                 try:
-                    data = await self._stream.receive_some(MAX_RECEIVE)
+                    if self._waiting:
+                        received = await self._receive_ahead()
+                    else:
+                        received = await self._stream.receive_some(MAX_RECEIVE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     break
-                if not data:
+                if received is None:
+                    continue  # the exchange ended: on to what waits
+                if not received:
                     if not self.idle:
                         self._exchanges.cancel()
                     break
-                await self._protocol.handle(RawData(data))
+                if self._waiting or not (self.idle or self._protocol.receiving_body):
+                    self._held += received  # behind the request in progress
+                else:
+                    await self._protocol.feed(received)
         await self._protocol.handle(Closed())
+
+    @property
+    def _waiting(self) -> bool:
+        """Bytes wait for the parser: requests h11 kept, or bytes held behind them."""
+        return self._protocol.paused or bool(self._held)
+
+    async def _receive_ahead(self) -> bytes | bytearray | None:
+        """Reads at most HOLD_LIMIT ahead while a request is in progress; None once it ends."""
+        with trio.CancelScope() as self._wake:
+            try:
+                room = HOLD_LIMIT - len(self._held)
+                if room <= 0:
+                    await trio.sleep_forever()  # until the response has left
+                return await self._stream.receive_some(min(room, MAX_RECEIVE))
+            finally:
+                self._wake = None
+        return None
 
     async def _protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
             if event.data:
                 self._buffer.append(event.data)
-                if event.data.startswith(_INFORMATIONAL) or sum(map(len, self._buffer)) >= FLUSH_SIZE:
-                    await self._flush()  # a 100 Continue must go out before the body comes in
+                if sum(map(len, self._buffer)) >= FLUSH_SIZE:
+                    await self._flush()
         elif isinstance(event, Updated):
             await self._flush()
             self.idle = event.idle
-            self._reading.deadline = trio.current_time() + self._config.keep_alive_timeout if event.idle else math.inf
+            if event.idle:
+                self._reading.deadline = trio.current_time() + self._config.keep_alive_timeout
+                if self._wake is not None:
+                    self._wake.cancel()  # the next request may be parsed
+            else:
+                self._reading.deadline = math.inf
         elif isinstance(event, Closed):
             self._reading.cancel()
             await self._flush(eof=True)  # the client reads to the end, then sees the close
@@ -146,15 +312,19 @@ class Connection:
         self._buffer.clear()
         # Shielded: a response is flushed whole even from a task being cancelled (the server is
         # stopping, a request body is being discarded). Bounded: a client that stopped reading
-        # cannot hold the task forever.
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT) as sending:
-            async with self._send_lock:
-                try:
+        # cannot hold the task past SEND_TIMEOUT, nor past the server's shutdown deadline.
+        deadline = min(trio.current_time() + SEND_TIMEOUT, self._stop_deadline)
+        with trio.CancelScope(shield=True, deadline=deadline) as sending:
+            self._sendings.add(sending)
+            try:
+                async with self._send_lock:
                     if data:
                         await self._stream.send_all(data)
                     if eof:
                         await self._stream.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._reading.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._reading.cancel()
+            finally:
+                self._sendings.discard(sending)
         if sending.cancelled_caught:
             self._reading.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,8 @@ from hypercorn.utils import wrap_app
 from loguru import logger
 
 from kmsagent.app import OVER_LIMIT
-from kmsagent.connection import Connection
+from kmsagent.connection import Connection, ErrorBody
+from kmsagent.errors import AgentError
 
 #: Connections beyond MaxConn that are still read, so `/ping` can answer (SPEC §3).
 PING_RESERVE = 2
@@ -32,6 +34,10 @@ GRACEFUL_TIMEOUT = 3.0
 REFUSAL_LINGER = 1.0
 #: Refusals in progress at once; beyond it a connection is closed without a word.
 MAX_REFUSING = 64
+#: Descriptors besides connections: the KMS client's pool (MaxConcurrentRequests, at most 100),
+#: STS and metadata clients, log files, listeners, trio's wake-up pipe, stdio. The agent holds
+#: 15 when idle (`ls /proc/<pid>/fd` under --dev).
+OTHER_DESCRIPTORS = 192
 
 
 class ServeError(Exception):
@@ -94,7 +100,7 @@ class ConnectionSlots:
 class HttpServer:
     """Serves `app` on loopback; `run` is started in the agent's nursery and returns the port."""
 
-    def __init__(self, app: Any, *, port: int, ipv6: bool, max_conn: int, refusal_body: bytes) -> None:
+    def __init__(self, app: Any, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody) -> None:
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
         self._config.graceful_timeout = GRACEFUL_TIMEOUT
@@ -109,7 +115,9 @@ class HttpServer:
         self._lifespan_state: dict[str, Any] = {}
         self._connections: set[Connection] = set()
         self._refusing = 0
+        self._error_body = error_body
         # Sent without reading the request once even the ping reserve is full.
+        refusal_body = error_body(AgentError(429, "ConnectionLimitExceeded", "too many connections open"))
         self._refusal = (
             b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(refusal_body), refusal_body)
@@ -122,6 +130,8 @@ class HttpServer:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accepts until `shutdown()` returns, then lets open requests finish (bounded) and exits."""
+        max_conn = self.slots.max_conn
+        raise_open_file_limit(max_conn + PING_RESERVE + MAX_REFUSING + OTHER_DESCRIPTORS, max_conn)
         sockets = bind_loopback(self._port, self._ipv6)
         lifespan = Lifespan(self._app, self._config, self._lifespan_state)
         async with trio.open_nursery() as lifespan_nursery:
@@ -136,11 +146,13 @@ class HttpServer:
                     accepting.cancel_scope.cancel()
                 for sock in sockets:
                     sock.close()
-                # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT.
+                # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT, for
+                # their sends too (shielded, they would otherwise take up to SEND_TIMEOUT).
                 await self._context.terminated.set()
+                deadline = trio.current_time() + GRACEFUL_TIMEOUT
                 for connection in self._connections:
-                    connection.close_if_idle()
-                connections.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT
+                    connection.stop(deadline)
+                connections.cancel_scope.deadline = deadline
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
 
@@ -184,7 +196,7 @@ class HttpServer:
     async def _serve_connection(self, stream: trio.SocketStream, over_limit: bool) -> None:
         app = self._over_limit_app if over_limit else self._app
         state = ConnectionState(self._lifespan_state.copy())
-        connection = Connection(app, self._config, self._context, state, stream)
+        connection = Connection(app, self._config, self._context, state, stream, self._error_body)
         self._connections.add(connection)
         try:
             await connection.run()
@@ -193,6 +205,29 @@ class HttpServer:
         finally:
             self._connections.discard(connection)
             self.slots.release()
+
+
+def raise_open_file_limit(need: int, max_conn: int) -> None:
+    """Raises the soft RLIMIT_NOFILE to `need` (at most the hard limit), or says it is too low.
+
+    systemd's default soft limit is 1024: with MaxConn = 1000 the accept loop hit EMFILE and
+    connections waited unanswered behind "accept failed" warnings.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        except (OSError, ValueError):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < need:
+        logger.warning(
+            "open-file limit {} is below the {} that MaxConn = {} needs: connections beyond it wait "
+            "unanswered; raise the hard limit (systemd LimitNOFILE, ulimit -n) or lower MaxConn",
+            soft,
+            need,
+            max_conn,
+        )
 
 
 async def _refuse(stream: trio.SocketStream, refusal: bytes) -> None:
