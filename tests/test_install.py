@@ -122,7 +122,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Tree:
 def upgraded(staged: Tree, tmp_path_factory: pytest.TempPathFactory) -> Tree:
     """`staged` after an operator edited the config, installed again, now with the units."""
     tree = copy_tree(staged, tmp_path_factory.mktemp("upgraded") / "root")
-    tree.conf.write_text(tree.conf.read_text().replace('Level = "debug"', 'Level = "warn"') + "# edited by the operator\n")
+    tree.conf.write_text(tree.conf.read_text().replace('Level = "info"', 'Level = "warn"') + "# edited by the operator\n")
     return install(tree.root)
 
 
