@@ -38,6 +38,7 @@ async def run_agent(
     shutdown: Callable[[], Awaitable[object]],
     clock: Callable[[], float] = time.time,
     config_path: str | Path | None = None,
+    overrides: Callable[[Config], Config] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `shutdown()` returns, then drains requests and cancels background work.
@@ -45,7 +46,7 @@ async def run_agent(
     `task_status.started` receives the bound port once connections are accepted, which does not
     wait for the first credentials: a request that needs KMS before then waits a bounded time.
     `clock` is the wall clock that signs requests (tests pass a virtual one). With `config_path`,
-    SIGHUP reloads that file.
+    SIGHUP reloads that file, changed by `overrides` (the command line's `--port`) as at start.
     """
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
     metrics = Metrics()
@@ -95,7 +96,7 @@ async def run_agent(
         nursery.start_soon(credentials.run)
         nursery.start_soon(refresher.run)
         if config_path is not None:
-            nursery.start_soon(reload_on_sighup, config_path, config, apply)
+            nursery.start_soon(reload_on_sighup, config_path, config, apply, overrides)
         await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
         task_status.started(await start_service(nursery, partial(server.run, shutdown)))
 
