@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -432,9 +435,10 @@ async def test_sighup_during_a_prefetch_is_survived(tmp_path: Path, emulator: Km
     assert_no_traceback(tmp_path)
 
 
-async def test_an_unread_stderr_neither_freezes_the_agent_nor_delays_its_stop(tmp_path: Path) -> None:
-    """Nobody reads the agent's stderr: log lines are dropped (logs.py), requests keep being
-    answered, and SIGTERM still ends it with 0 within 5 s."""
+async def test_a_stderr_nobody_reads_neither_stalls_nor_blocks_a_stop(tmp_path: Path) -> None:
+    """Nobody reads the agent's stderr, so its pipe is full after a few lines: requests, each a
+    debug line, are still answered (lines that do not fit are dropped, logs.py), and SIGTERM
+    still ends the agent with 0 within 5 s."""
     unread, stderr = os.pipe()
     fcntl.fcntl(stderr, fcntl.F_SETPIPE_SZ, 4096)  # the smallest pipe: it fills after a few lines
     process = await trio.lowlevel.open_process(
@@ -445,18 +449,14 @@ async def test_an_unread_stderr_neither_freezes_the_agent_nor_delays_its_stop(tm
     try:
         lines = await read_lines_until(process, "listening on")
         url = f"http://127.0.0.1:{int(lines[-1].rsplit(':', 1)[1])}/ping?" + "x" * 190
-        answered = 0
         async with httpx.AsyncClient(timeout=5) as client, trio.open_nursery() as nursery:
 
-            async def debug_lines() -> None:  # one debug log line per request
-                nonlocal answered
-                for _ in range(100):
+            async def debug_lines() -> None:  # one debug log line (about 300 bytes) per request
+                for _ in range(25):
                     assert (await client.get(url)).status_code == 200
-                    answered += 1
 
-            for _ in range(8):
+            for _ in range(8):  # 200 lines: fifty times what the pipe holds
                 nursery.start_soon(debug_lines)
-        assert answered == 800
         process.send_signal(signal.SIGTERM)
         with trio.fail_after(5):
             assert await process.wait() == 0
@@ -477,10 +477,10 @@ async def test_the_token_file_warning_reaches_the_configured_sinks(tmp_path: Pat
     env = {**AGENT_ENV, "KMS_TOKEN": f"file://{token_file}"}
     async with agent_process(["--config", str(write_config(tmp_path, emulator.endpoint))], env, tmp_path) as agent:
         assert await stop(agent) == 0
-    for sink in (tmp_path / "logs" / "kmsagent.log", agent.stderr_path):  # both in the configured Format
-        lines = [line for line in sink.read_text().splitlines() if "readable by every user" in line]
-        assert len(lines) == 1, sink
-        assert json.loads(lines[0])["level"] == "WARNING"  # one flat object, not loguru's default format
+    for sink in (tmp_path / "logs" / "kmsagent.log", agent.stderr_path):  # both in [Log] Format, json
+        records = [json.loads(line) for line in sink.read_text().splitlines()]
+        warning = next(record for record in records if "readable by every user" in record["message"])
+        assert warning["level"] == "WARNING", sink
 
 
 async def test_dev_mode_uses_the_token_set_in_the_environment(tmp_path: Path) -> None:
@@ -498,3 +498,180 @@ async def test_dev_mode_uses_the_token_set_in_the_environment(tmp_path: Path) ->
         result = await trio.run_process(["sh", "-c", curl_line], env=env, capture_stdout=True)
         assert json.loads(result.stdout)["SecretData"] == demo["data"]
         assert await stop(agent, signal.SIGINT) == 0
+
+
+# --- --port, --help and the start line (issue 11) --------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nothing listens on at this moment (the OS's pick for port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def dev_config(tmp_path: Path, extra: str = "") -> Path:
+    """A --dev config with HttpPort = 0, beside a copy of the demo secrets."""
+    (tmp_path / "dev.toml").write_text(f'[Server]\nHttpPort = 0\n{extra}[Log]\nPath = "{tmp_path / "logs"}"\n')
+    shutil.copy(ROOT / "conf" / "dev-secrets.toml", tmp_path / "dev-secrets.toml")
+    return tmp_path / "dev.toml"
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`kmsagent ARGS` in this process (argparse exits by SystemExit): status, stdout, stderr."""
+    from kmsagent.cli import main
+
+    try:
+        status = main(list(args))
+    except SystemExit as exit:
+        status = int(exit.code or 0)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("value", ["80", "1023", "65536", "x", "-1", "2025.0", "\u00b2", ""])
+def test_a_port_that_http_port_would_refuse_is_a_usage_error(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    status, _, stderr = run_main(capsys, "--check-config", "--port", value)
+    assert status == 2
+    assert_one_line(stderr)
+    assert "--port" in stderr and "1024..65535" in stderr
+
+
+def test_port_80_exits_2_with_one_line() -> None:
+    result = run_cli("--port", "80", env=AGENT_ENV)
+    assert result.returncode == 2
+    assert_one_line(result.stderr)
+    assert "'80': must be 0 or an integer in 1024..65535" in result.stderr
+
+
+def test_the_port_overrides_http_port_in_the_effective_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[Server]\nHttpPort = 2025\n")
+    status, stdout, _ = run_main(capsys, "--check-config", "--config", str(tmp_path / "c.toml"), "--port", "3999")
+    assert status == 0 and tomllib.loads(stdout)["Server"]["HttpPort"] == 3999
+
+
+async def test_a_port_in_use_names_how_to_pick_another(tmp_path: Path) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, "127.0.0.1:1")  # HttpPort = 0: the --port is what is in use
+        result = await trio.to_thread.run_sync(
+            lambda: run_cli("--config", str(config), "--port", str(port), env=AGENT_ENV)
+        )
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert_one_line(last)
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in last
+    assert "--port N" in last and "[Server] HttpPort" in last
+
+
+@pytest.mark.parametrize("dev", [False, True], ids=["agent", "dev"])
+async def test_the_agent_serves_on_the_port_given(tmp_path: Path, emulator: KmsEmulator, dev: bool) -> None:
+    port = free_port()
+    if dev:
+        args, env, until = ["--dev", "--config", str(dev_config(tmp_path))], BASE_ENV, "curl "
+    else:
+        args, env, until = ["--config", str(write_config(tmp_path, emulator.endpoint))], AGENT_ENV, "listening on"
+    async with agent_process([*args, "--port", str(port)], env, tmp_path, until) as agent:
+        assert agent.port == port
+        assert f"kmsagent {__version__} listening on http://127.0.0.1:{port}" in agent.stdout
+        if dev:
+            assert any(f"'http://127.0.0.1:{port}/secretsmanager/get?secretId=" in line for line in agent.stdout)
+        response = await trio.to_thread.run_sync(lambda: httpx.get(agent.url("/ping"), timeout=5))
+        assert response.text == "healthy"
+        if not dev:  # a reload reads the file's HttpPort = 0 and keeps the --port: nothing changed
+            agent.process.send_signal(signal.SIGHUP)
+            await wait_for_text(agent.stderr_path, f"SIGHUP: {args[1]} unchanged")
+            assert "HttpPort" not in agent.stderr_path.read_text()
+        assert await stop(agent) == 0
+
+
+async def test_scripts_dev_passes_the_port_on(tmp_path: Path) -> None:
+    """scripts/dev in a copy of the checkout whose ./.venv is this test's Python (no install)."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("dev", "_venv.sh"):
+        shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (venv_bin / "python").chmod(0o755)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (tmp_path / ".venv" / f".installed-{digest}").touch()
+    port = free_port()
+    with (tmp_path / "stderr.txt").open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [str(tmp_path / "scripts" / "dev"), "--port", str(port)],
+            env={**BASE_ENV, "PYTHON": sys.executable}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr,
+        )
+    try:
+        lines = await read_lines_until(process, "curl ")
+        assert f"kmsagent {__version__} listening on http://127.0.0.1:{port}" in lines
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+def test_help_lists_the_environment_variables_and_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    status, stdout, _ = run_main(capsys, "--help")
+    assert status == 0
+    for variable in (
+        "KMSAGENT_CONFIG",
+        "KMS_TOKEN",
+        "KMS_SESSION_TOKEN",
+        "KMS_CONTAINER_AUTHORIZATION_TOKEN",
+        "ALIBABA_CLOUD_ACCESS_KEY_ID",
+        "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+        "ALIBABA_CLOUD_SECURITY_TOKEN",
+        "ALIBABA_CLOUD_ROLE_ARN",
+        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN",
+        "ALIBABA_CLOUD_OIDC_TOKEN_FILE",
+        "ALIBABA_CLOUD_PROFILE",
+        "ALIBABA_CLOUD_CREDENTIALS_FILE",
+        "ALIBABA_CLOUD_CLI_PROFILE_DISABLED",
+        "ALIBABA_CLOUD_ECS_METADATA_DISABLED",
+        "ALIBABA_CLOUD_CREDENTIALS_URI",
+        "ALIBABA_CLOUD_STS_REGION",
+        "ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "DEBUG",
+    ):
+        assert re.search(rf"\b{variable}\b", stdout), variable
+    statuses = stdout.split("exit status:", 1)[1]
+    for status in ("0", "1", "2"):
+        assert re.search(rf"^  {status}  \S", statuses, re.MULTILINE), status
+    assert "-- CMD" in statuses  # a supervised program's own status
+    assert "--port N" in stdout
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no ::1 on this host")
+@pytest.mark.parametrize("dev", [False, True], ids=["agent", "dev"])
+async def test_the_start_line_names_the_ipv6_address_too(tmp_path: Path, emulator: KmsEmulator, dev: bool) -> None:
+    if dev:
+        args, env = ["--dev", "--config", str(dev_config(tmp_path, "BindIPv6 = true\n"))], BASE_ENV
+    else:
+        text = write_config(tmp_path, emulator.endpoint).read_text().replace("HttpPort = 0", "HttpPort = 0\nBindIPv6 = true")
+        (tmp_path / "v6.toml").write_text(text)
+        args, env = ["--config", str(tmp_path / "v6.toml")], AGENT_ENV
+    async with agent_process(args, env, tmp_path) as agent:
+        port = agent.port
+        line = next(line for line in agent.stdout if "listening on" in line)
+        assert line == f"kmsagent {__version__} listening on http://127.0.0.1:{port} http://[::1]:{port}"
+        response = await trio.to_thread.run_sync(lambda: httpx.get(f"http://[::1]:{port}/ping", timeout=5))
+        assert response.text == "healthy"
+        assert await stop(agent) == 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import time
 import uuid
 from typing import Any
 
@@ -151,3 +153,86 @@ async def test_vault_answers_carry_a_fresh_request_id_on_every_hit(start_agent: 
     bodies = [(await agent.get("/v1/app/config")).json() for _ in range(3)]
     assert len({body["request_id"] for body in bodies}) == 3
     assert all(body["lease_duration"] == 120 for body in bodies)
+
+
+# --- ResponseType 1 as the AWS agent writes it: epoch CreatedDate, AWS stage names ----------------
+
+
+@pytest.mark.parametrize(
+    ("create_time", "created_date"),
+    [
+        ("2024-07-06T08:22:03Z", "1720254123.000"),  # what KMS writes
+        ("2024-07-06T08:22:03.046Z", "1720254123.046"),
+        ("2024-07-06T08:22:03.0465123Z", "1720254123.047"),
+        ("2024-07-06T16:22:03+08:00", "1720254123.000"),
+        ("2024-07-06 08:22:03", "1720254123.000"),  # no offset: UTC, as KMS's times are
+        ("2024-07-06t08:22:03z", "1720254123.000"),
+        (" 2024-07-06T08:22:03Z\n", "1720254123.000"),
+        ("1969-12-31T23:59:59Z", "-1.000"),
+        ("not a date", "0.000"),  # the epoch, rather than text a client's float() would raise on
+        ("", "0.000"),
+        ("2024-13-01T00:00:00Z", "0.000"),  # no 13th month
+        (None, "0.000"),
+        (1720254123, "0.000"),
+    ],
+)
+def test_created_date_is_epoch_seconds_in_a_string_with_three_decimals(create_time: object, created_date: str) -> None:
+    secret = secret_value("x")
+    fields = {key: value for key, value in secret.fields.items() if key != "CreateTime"}
+    if create_time is not None:
+        fields["CreateTime"] = create_time
+    body = json.loads(AwsFormat("cn-hangzhou").secret(SecretValue(fields)))
+    assert body["CreatedDate"] == created_date
+    assert isinstance(float(body["CreatedDate"]), float)
+
+
+def test_aws_stage_names_in_answers_and_requests() -> None:
+    secret = secret_value("x")
+    secret.fields["VersionStages"] = {"VersionStage": ["ACSCurrent", "ACSPrevious", "ACSPending", "Custom", "AWSCURRENT"]}
+    aws = AwsFormat("cn-hangzhou")
+    assert json.loads(aws.secret(secret))["VersionStages"] == ["AWSCURRENT", "AWSPREVIOUS", "AWSPENDING", "Custom", "AWSCURRENT"]
+    asked = ["AWSCURRENT", "AWSPREVIOUS", "AWSPENDING", "ACSCurrent", "Custom", "awscurrent"]
+    assert [aws.kms_stage(stage) for stage in asked] == [
+        "ACSCurrent", "ACSPrevious", "ACSPending", "ACSCurrent", "Custom", "awscurrent"
+    ]
+    for other in (KmsFormat(), VaultFormat(lambda: 300)):
+        assert [other.kms_stage(stage) for stage in asked] == asked
+    assert json.loads(KmsFormat().secret(secret))["VersionStages"] == secret.fields["VersionStages"]
+
+
+async def test_aws_answers_name_aws_stages_and_take_them(start_agent: StartAgent, emulator: KmsEmulator) -> None:
+    first = emulator.put_secret("rotated", "first-value")
+    second = emulator.rotate("rotated", "second-value")
+    agent = await start_agent(server={"response_type": 1})
+
+    current = await agent.get("/secretsmanager/get?secretId=rotated")
+    body = current.json()
+    assert (body["VersionId"], body["SecretString"], body["VersionStages"]) == (second, "second-value", ["AWSCURRENT"])
+    assert re.fullmatch(r"\d+\.\d{3}", body["CreatedDate"])
+    assert abs(float(body["CreatedDate"]) - time.time()) < 60
+
+    # AWSCURRENT is KMS's ACSCurrent: the same cache entry, under both routes.
+    for path in ("/secretsmanager/get?secretId=rotated&versionStage=AWSCURRENT", "/v1/rotated?versionStage=AWSCURRENT"):
+        response = await agent.get(path)
+        assert (response.status_code, response.headers["x-kms-agent-cache"]) == (200, "hit"), path
+        assert response.json()["VersionId"] == second
+
+    previous = await agent.get("/v1/rotated?versionStage=AWSPREVIOUS")
+    assert previous.status_code == 200, previous.text
+    body = previous.json()
+    assert (body["VersionId"], body["SecretString"], body["VersionStages"]) == (first, "first-value", ["AWSPREVIOUS"])
+    assert emulator.calls[-1].version_stage == "ACSPrevious"
+    assert (await agent.get("/v1/rotated?versionStage=ACSPrevious")).headers["x-kms-agent-cache"] == "hit"
+
+
+@pytest.mark.parametrize("response_type", [0, 2])
+async def test_other_formats_send_aws_stage_names_to_kms_as_they_are(
+    start_agent: StartAgent, emulator: KmsEmulator, response_type: int
+) -> None:
+    agent = await start_agent(server={"response_type": response_type})
+    response = await agent.get("/v1/api-key?versionStage=AWSCURRENT")
+    assert response.status_code == 404
+    assert emulator.calls[-1].version_stage == "AWSCURRENT"
+    if response_type == 0:
+        ok = (await agent.get("/v1/api-key")).json()
+        assert ok["VersionStages"] == {"VersionStage": ["ACSCurrent"]} and ok["CreateTime"].endswith("Z")

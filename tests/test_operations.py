@@ -37,7 +37,7 @@ async def test_aws_shape_reads_like_the_aws_agent(start_agent: StartAgent, emula
     assert set(body) == {"ARN", "Name", "VersionId", "SecretString", "VersionStages", "CreatedDate"}
     assert body["Name"] == "db/password" and body["SecretString"] == SECRETS["db/password"]
     assert body["ARN"].startswith("acs:kms:cn-hangzhou:") and body["ARN"].endswith(":secret/db/password")
-    assert body["VersionStages"] == ["ACSCurrent"] and body["VersionId"] and body["CreatedDate"]
+    assert body["VersionStages"] == ["AWSCURRENT"] and body["VersionId"] and float(body["CreatedDate"]) > 0
     # What AWS agent users write: json.loads(response)["SecretString"], or SecretBinary for binary.
     binary = (await agent.get("/v1/cert/der")).json()
     assert "SecretString" not in binary and base64.b64decode(binary["SecretBinary"]) == b"\x00\x01binary\xff"

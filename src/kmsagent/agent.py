@@ -40,6 +40,7 @@ async def run_agent(
     clock: Callable[[], float] = time.time,
     config_path: str | Path | None = None,
     notifier: Notifier = SILENT,
+    overrides: Callable[[Config], Config] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `shutdown()` returns, then drains requests and cancels background work.
@@ -47,7 +48,8 @@ async def run_agent(
     `task_status.started` receives the bound port once connections are accepted, which does not
     wait for the first credentials: a request that needs KMS before then waits a bounded time.
     `clock` is the wall clock that signs requests (tests pass a virtual one). With `config_path`,
-    SIGHUP reloads that file. `notifier` tells a service manager (systemd) of each state (SPEC §11).
+    SIGHUP reloads that file, changed by `overrides` (the command line's `--port`) as at start.
+    `notifier` tells a service manager (systemd) of each state (SPEC §11).
     """
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
     metrics = Metrics()
@@ -97,7 +99,8 @@ async def run_agent(
         nursery.start_soon(credentials.run)
         nursery.start_soon(refresher.run)
         if config_path is not None:
-            nursery.start_soon(reload_on_sighup, config_path, config, apply, notifier)
+            reloads = partial(reload_on_sighup, overrides=overrides, notifier=notifier)
+            nursery.start_soon(reloads, config_path, config, apply)
         await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
 
         async def shutdown_then_notify() -> None:

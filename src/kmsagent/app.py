@@ -12,6 +12,7 @@ so a hit sends two ASGI messages built from bytes already in memory.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -136,6 +137,9 @@ class AgentApp(QuartTrio):
             else:
                 assert isinstance(target, SecretQuery)
                 secret_id = target.secret_id
+                stage = self.response_format.kms_stage(target.version_stage)
+                if stage != target.version_stage:  # ResponseType 1's AWSCURRENT... (SPEC §4)
+                    target = replace(target, version_stage=stage)
                 cached, cache_outcome = await self.store.get(target)
                 outcome = cache_outcome.value
                 self.metrics.cache_results.labels(outcome).inc()

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import NoReturn
 
@@ -22,11 +23,11 @@ from loguru import logger
 
 from kmsagent import __version__, signals
 from kmsagent.agent import run_agent
-from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
+from kmsagent.config import Config, ConfigError, ServerConfig, check_log_folder, dump_config, load_config
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.notify import Notifier
-from kmsagent.server import ServeError
+from kmsagent.server import ServeError, listen_urls
 from kmsagent.token import TokenError, TokenSource
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -38,6 +39,39 @@ DEV_CURL_LINES = 5
 STOP_DEADLINE = 4.0
 #: Errors that end the agent with one line and exit 1.
 FATAL_ERRORS = (ServeError, TokenError, CredentialsUnavailable, LogSetupError)
+#: The end of `--help`: what the agent reads from its environment, and its exit statuses (SPEC §1).
+EPILOG = """\
+environment variables:
+  KMSAGENT_CONFIG            the config file, when --config is not given
+  KMS_TOKEN, KMS_SESSION_TOKEN, KMS_CONTAINER_AUTHORIZATION_TOKEN
+                             the SSRF token, or file:///path of a file that holds it: the
+                             first one set ([Server] SSRFEnvVariables; these are its default)
+  ALIBABA_CLOUD_ACCESS_KEY_ID, ALIBABA_CLOUD_ACCESS_KEY_SECRET, ALIBABA_CLOUD_SECURITY_TOKEN
+                             an AccessKey for KMS (with an STS token)
+  ALIBABA_CLOUD_ROLE_ARN, ALIBABA_CLOUD_OIDC_PROVIDER_ARN, ALIBABA_CLOUD_OIDC_TOKEN_FILE
+                             an OIDC role (RRSA on Kubernetes); ALIBABA_CLOUD_ROLE_SESSION_NAME
+                             names its session
+  ALIBABA_CLOUD_PROFILE      the aliyun CLI profile (cli_profile)
+  ALIBABA_CLOUD_CLI_PROFILE_DISABLED
+                             true: "auto" skips the aliyun CLI profile
+  ALIBABA_CLOUD_CREDENTIALS_FILE
+                             the credentials file (credentials_file)
+  ALIBABA_CLOUD_ECS_METADATA_DISABLED
+                             true: "auto" skips the ECS instance's RAM role
+  ALIBABA_CLOUD_CREDENTIALS_URI
+                             a URI that serves credentials (credentials_uri)
+  ALIBABA_CLOUD_STS_REGION, ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED
+                             the STS endpoint that roles are assumed at
+  NOTIFY_SOCKET, WATCHDOG_USEC
+                             systemd's readiness and watchdog (Type=notify, WatchdogSec)
+  DEBUG                      DEBUG=sdk is removed at start: it would log signatures and tokens
+
+exit status:
+  0  a clean stop, after SIGTERM or SIGINT
+  1  a fatal error: the port is in use, no token variable set, no credentials
+  2  a bad config file or command line
+  with a supervised program (kmsagent [OPTIONS] -- CMD [ARGS...]): that program's exit status
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,11 +79,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"kmsagent: {message} (see --help)\n")
 
 
+def _port(text: str) -> int:
+    """`--port`: what `[Server] HttpPort` allows, 0 (any free port) or an unprivileged port."""
+    port = int(text) if text.isascii() and text.isdigit() else -1
+    if port == 0 or 1024 <= port <= 65535:
+        return port
+    raise argparse.ArgumentTypeError(f"{text[:32]!r}: must be 0 or an integer in 1024..65535, as [Server] HttpPort")
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="kmsagent", description="Local secret-caching agent for Alibaba Cloud KMS.")
+    parser = _Parser(
+        prog="kmsagent",
+        description="Local secret-caching agent for Alibaba Cloud KMS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: $KMSAGENT_CONFIG, else built-in defaults)")
     parser.add_argument("--check-config", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--dev", action="store_true", help="run against an embedded KMS emulator with demo secrets")
+    parser.add_argument(
+        "--port", metavar="N", type=_port, help="listen on port N, over [Server] HttpPort (--dev too); 0: any free port"
+    )
     parser.add_argument("--version", action="version", version=f"kmsagent {__version__}")
     return parser.parse_args(argv)
 
@@ -62,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return get(arguments[1:])
     args = _parse_args(arguments)
     config_path = args.config or os.environ.get("KMSAGENT_CONFIG") or None
+    overrides = partial(_command_line, port=args.port)
     try:
-        config = load_config(config_path)
+        config = overrides(load_config(config_path))
     except ConfigError as error:
         return _fail(EXIT_USAGE, f"config error: {error}")
     if args.check_config:
@@ -80,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.dev:
             return _run_dev(config, config_path)
-        return _run(config, config_path)
+        return _run(config, config_path, overrides)
     except ConfigError as error:
         return _fail(EXIT_USAGE, f"config error: {error}")
     except FATAL_ERRORS as error:
@@ -89,13 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_logging()
 
 
+def _command_line(config: Config, *, port: int | None) -> Config:
+    """`config` as the command line changes it; SIGHUP's reloads are changed the same way."""
+    if port is None:
+        return config
+    return replace(config, server=replace(config.server, http_port=port))
+
+
 def scrub_environment(env: MutableMapping[str, str]) -> None:
     """Drops `DEBUG=sdk`: it makes darabonba log request headers, signatures and tokens included."""
     if env.get("DEBUG", "").strip().lower() == "sdk":
         del env["DEBUG"]
 
 
-def _run(config: Config, config_path: str | None) -> int:
+def _run(config: Config, config_path: str | None, overrides: Callable[[Config], Config]) -> int:
     configure_logging(config.log)  # first: the token and credential sources log through its sinks
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
     credentials = credential_source(config.credentials, os.environ)
@@ -110,8 +168,9 @@ def _run(config: Config, config_path: str | None) -> int:
             shutdown=shutdown,
             config_path=config_path,
             notifier=notifier,
+            overrides=overrides,
         )
-        _announce(await nursery.start(agent))
+        await _announce(await nursery.start(agent), config.server)
 
     return _run_until_signal(start, reloads=config_path is not None)
 
@@ -125,7 +184,7 @@ def _run_dev(config: Config, config_path: str | None) -> int:
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         session = await nursery.start(partial(run_dev, config, demo, token=token, shutdown=shutdown))
-        _announce(session.port)
+        await _announce(session.port, config.server)
         print("dev mode: embedded KMS emulator with demo secrets and keys. Try:", flush=True)
         for name in session.secret_names[:DEV_CURL_LINES]:
             print(
@@ -139,8 +198,10 @@ def _run_dev(config: Config, config_path: str | None) -> int:
     return _run_until_signal(start, reloads=False)
 
 
-def _announce(port: int) -> None:
-    print(f"kmsagent {__version__} listening on http://127.0.0.1:{port}", flush=True)
+async def _announce(port: int, server: ServerConfig) -> None:
+    """SPEC §1's start line, naming every address listened on; none once a stop signal came."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    print(f"kmsagent {__version__} listening on {' '.join(listen_urls(port, server.bind_ipv6))}", flush=True)
     gc.freeze()  # start-up's objects live as long as the process: keep them out of every collection
 
 

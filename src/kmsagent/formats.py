@@ -10,6 +10,11 @@ Any value KMS can store is served in every format: JSON secrets are never decode
 values on the way out (that turned `1e400` into `Infinity`, `1.10` into `1.1`, merged duplicate
 keys and hit the recursion limit on deep nesting), and strings UTF-8 cannot encode (a lone
 surrogate, which KMS's JSON may carry as `"\\ud800"`) are written as JSON escapes.
+
+A format may also speak its own stage names: ResponseType 1 answers and takes AWS's
+(`AWSCURRENT` for `ACSCurrent`...), as AWS Secrets Manager Agent clients know them; `kms_stage`
+turns a request's `versionStage` into KMS's before the cache and KMS see it, so `AWSCURRENT` and
+`ACSCurrent` are one cache entry.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, NoReturn, Protocol
 
 from kmsagent.errors import AgentError
@@ -33,6 +39,10 @@ class ResponseFormat(Protocol):
         ...
 
     def error(self, error: AgentError) -> bytes: ...
+
+    def kms_stage(self, stage: str) -> str:
+        """The KMS stage that a request's `versionStage` names in this format."""
+        ...
 
 
 def _encode(text: str) -> bytes:
@@ -60,6 +70,34 @@ class KmsFormat:
     def error(self, error: AgentError) -> bytes:
         return _json({"Code": error.code, "Message": error.message, "HttpStatus": error.status})
 
+    def kms_stage(self, stage: str) -> str:
+        return stage
+
+
+#: KMS's stage names and AWS's (SPEC §4); any other stage name is the same in both.
+AWS_STAGES = {"ACSCurrent": "AWSCURRENT", "ACSPrevious": "AWSPREVIOUS", "ACSPending": "AWSPENDING"}
+KMS_STAGES = {aws: kms for kms, aws in AWS_STAGES.items()}
+#: CreatedDate when KMS's CreateTime is missing or not a date: the epoch, which a client's
+#: `float()` or `datetime.fromtimestamp()` reads, where the raw text would make it raise.
+UNKNOWN_DATE = "0.000"
+
+
+def epoch_seconds(create_time: object) -> str:
+    """KMS's `CreateTime` as the AWS agent's `CreatedDate`: epoch seconds with three decimals.
+
+    KMS writes "2024-07-06T08:22:03Z"; a fraction, an offset, a space for the `T` or lower-case
+    letters are read too, and a time without an offset is UTC (as KMS's are).
+    """
+    if not isinstance(create_time, str):
+        return UNKNOWN_DATE
+    try:
+        moment = datetime.fromisoformat(create_time.strip().upper())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return f"{moment.timestamp():.3f}"
+    except (ValueError, OverflowError):
+        return UNKNOWN_DATE
+
 
 class AwsFormat:
     """ResponseType 1: the AWS Secrets Manager GetSecretValue shape, for AWS agent clients."""
@@ -72,8 +110,8 @@ class AwsFormat:
         arn = name if name.startswith("acs:") else f"acs:kms:{self._region}::secret/{name}"
         document: dict[str, Any] = {"ARN": arn, "Name": name, "VersionId": secret.version_id}
         document["SecretBinary" if secret.is_binary else "SecretString"] = secret.data
-        document["VersionStages"] = secret.version_stages
-        document["CreatedDate"] = secret.fields.get("CreateTime")
+        document["VersionStages"] = [AWS_STAGES.get(stage, stage) for stage in secret.version_stages]
+        document["CreatedDate"] = epoch_seconds(secret.fields.get("CreateTime"))
         return _json(document)
 
     def finish(self, rendered: bytes) -> bytes:
@@ -81,6 +119,9 @@ class AwsFormat:
 
     def error(self, error: AgentError) -> bytes:
         return _json({"__type": error.code, "message": error.message})
+
+    def kms_stage(self, stage: str) -> str:
+        return KMS_STAGES.get(stage, stage)
 
 
 #: Vault's envelope around `data`; the first field is a fresh UUID per answer.
@@ -112,6 +153,9 @@ class VaultFormat:
 
     def error(self, error: AgentError) -> bytes:
         return _json({"errors": [f"{error.code}: {error.message}"]})
+
+    def kms_stage(self, stage: str) -> str:
+        return stage
 
 
 _VARIANT = "89ab" * 4

@@ -52,22 +52,33 @@ def live_part(running: Config, loaded: Config) -> Config:
 
 
 async def reload_on_sighup(
-    path: str | Path, running: Config, apply: Callable[[Config], None], notifier: Notifier = SILENT
+    path: str | Path,
+    running: Config,
+    apply: Callable[[Config], None],
+    *,
+    overrides: Callable[[Config], Config] | None = None,
+    notifier: Notifier = SILENT,
 ) -> None:
     """Runs until cancelled; `apply` receives the new effective config after each valid reload
-    (logging is reconfigured here, off the trio thread, before `apply`). `notifier` brackets each
-    reload with RELOADING=1 and READY=1 for systemd."""
+    (logging is reconfigured here, off the trio thread, before `apply`). `overrides` are the
+    command line's changes (`--port`), made to every file read, as they were at start. `notifier`
+    brackets each reload with RELOADING=1 and READY=1 for systemd."""
     with trio.open_signal_receiver(signal.SIGHUP) as receiver:
         if signals.take(signal.SIGHUP):  # taken after opening: a SIGHUP is held or received
             logger.info("SIGHUP during start-up: reloading now")
             notifier.reloading()
-            running = await reload(path, running, apply)
+            running = await reload(path, running, apply, overrides)
             notifier.send(READY)
         async for _ in notifier.reloads(receiver):
-            running = await reload(path, running, apply)
+            running = await reload(path, running, apply, overrides)
 
 
-async def reload(path: str | Path, running: Config, apply: Callable[[Config], None]) -> Config:
+async def reload(
+    path: str | Path,
+    running: Config,
+    apply: Callable[[Config], None],
+    overrides: Callable[[Config], Config] | None = None,
+) -> Config:
     """Reads `path` and applies its live part; returns the config now in force."""
     try:
         # A thread that may be abandoned: a config path that blocks (a FIFO) must not hold a stop.
@@ -75,6 +86,8 @@ async def reload(path: str | Path, running: Config, apply: Callable[[Config], No
     except ConfigError as error:
         logger.error("SIGHUP: {}; keeping the running config", error)
         return running
+    if overrides is not None:
+        loaded = overrides(loaded)
     changed = differences(running, loaded)
     if not changed:
         logger.info("SIGHUP: {} unchanged", path)

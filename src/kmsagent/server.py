@@ -55,9 +55,21 @@ class _OverLimitApp:
         await self._app(scope, receive, send, sync_spawn, call_soon)
 
 
+def _loopback(ipv6: bool) -> list[tuple[socket.AddressFamily, str]]:
+    return [(socket.AF_INET, "127.0.0.1")] + ([(socket.AF_INET6, "::1")] if ipv6 else [])
+
+
+def listen_urls(port: int, ipv6: bool) -> list[str]:
+    """The URLs `bind_loopback(port, ipv6)` listens on, IPv4 first (SPEC §1's start line)."""
+    return [
+        f"http://{host}:{port}" if family == socket.AF_INET else f"http://[{host}]:{port}"
+        for family, host in _loopback(ipv6)
+    ]
+
+
 def bind_loopback(port: int, ipv6: bool) -> list[socket.socket]:
     """Listening sockets on 127.0.0.1 (and [::1]) only; port 0 picks one free port for both."""
-    addresses = [(socket.AF_INET, "127.0.0.1")] + ([(socket.AF_INET6, "::1")] if ipv6 else [])
+    addresses = _loopback(ipv6)
     sockets: list[socket.socket] = []
     try:
         for family, host in addresses:
@@ -74,7 +86,9 @@ def bind_loopback(port: int, ipv6: bool) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         where = f"{host}:{port}" if family == socket.AF_INET else f"[{host}]:{port}"
-        reason = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror
+        reason = error.strerror
+        if error.errno == errno.EADDRINUSE:
+            reason = "the port is in use; pick another with --port N or [Server] HttpPort"
         raise ServeError(f"cannot listen on {where}: {reason}") from None
     return sockets
 
