@@ -20,7 +20,7 @@ from loguru import logger
 from kmsagent import __version__
 from kmsagent.agent import run_agent
 from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
-from kmsagent.credentials import CredentialsUnavailable, credential_source
+from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.server import ServeError
 from kmsagent.token import TokenError, TokenSource
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             check_log_folder(config.log)
-            credential_source(config.credentials, os.environ)  # static part: variables and files
+            check_credentials(config.credentials, os.environ, region=config.kms.region)  # variables and files
         except ConfigError as error:
             return _fail(EXIT_USAGE, f"config error: {error}")
         except CredentialsUnavailable as error:
@@ -85,10 +85,11 @@ def scrub_environment(env: MutableMapping[str, str]) -> None:
 
 def _run(config: Config, config_path: str | None) -> int:
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
-    credentials = credential_source(config.credentials, os.environ)
     configure_logging(config.log)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
+        # In trio: `auto` probes the metadata service, and files are read off this thread.
+        credentials = await credential_source(config.credentials, os.environ, region=config.kms.region)
         agent = partial(
             run_agent, config, token=token, credentials=credentials, shutdown=shutdown, config_path=config_path
         )
