@@ -102,6 +102,19 @@ ROUND_TRIP_CASES = {
             metadata_endpoint="https://[fd00::1]:8443",
             disable_imdsv1=True,
             renew_before_seconds=43_200,
+            role_arn="acs:ram::1234567890123456:role/kms-reader",
+            role_session_name="agent@host-1",
+            duration_seconds=43_200,
+            external_id="abc:def/ghi",
+            policy='{"Version": "1", "Statement": []}',
+            source_type="cli_profile",
+            sts_endpoint="[::1]:9001",
+            sts_protocol="http",
+            profile="prod profile",
+            cli_config_path="/etc/aliyun/config.json",
+            credentials_file="/etc/alibabacloud/credentials.ini",
+            credentials_uri="http://169.254.170.2/v1/credentials?token=x",
+            allowed_role_arns=("acs:ram::1:role/a", "acs:ram::2:role/b"),
         ),
         log=LogConfig(level="error", path="/var/log/kmsagent", max_file_size_mb=10_240, backups=0, format="text"),
     ),
@@ -142,6 +155,7 @@ INT_RANGES = [
     ("KMS", "MaxRetries", 0, 10),
     ("KMS", "MaxConcurrentRequests", 1, 100),
     ("Credentials", "RenewBeforeSeconds", 1, 43_200),
+    ("Credentials", "DurationSeconds", 900, 43_200),
     ("Log", "MaxFileSizeMB", 1, 10_240),
     ("Log", "Backups", 0, 100),
 ]
@@ -171,7 +185,42 @@ ACCEPTED: list[tuple[str, str, Any]] = [
     ("KMS", "Endpoint", "[::1]"),
     ("KMS", "Protocol", "https"),
     ("KMS", "CaFilePath", ""),
-    *(("Credentials", "Type", t) for t in ("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn")),
+    *(
+        ("Credentials", "Type", t)
+        for t in ("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn", "cli_profile", "credentials_file", "credentials_uri")
+    ),
+    ("Credentials", "RoleArn", ""),
+    ("Credentials", "RoleArn", "acs:ram::1234567890123456:role/KmsReader.prod_1@x-y"),
+    ("Credentials", "RoleSessionName", "ab"),
+    ("Credentials", "RoleSessionName", "kms.agent_1@host-2"),
+    ("Credentials", "RoleSessionName", "s" * 64),
+    ("Credentials", "ExternalId", ""),
+    ("Credentials", "ExternalId", "ab"),
+    ("Credentials", "ExternalId", "id+=,.@:/-_9" + "x" * 1212),
+    ("Credentials", "Policy", ""),
+    ("Credentials", "Policy", '{"Version": "1", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}'),
+    *(
+        ("Credentials", "SourceType", t)
+        for t in ("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn", "cli_profile", "credentials_file", "credentials_uri")
+    ),
+    ("Credentials", "StsEndpoint", ""),
+    ("Credentials", "StsEndpoint", "sts-vpc.cn-shanghai.aliyuncs.com"),
+    ("Credentials", "StsEndpoint", "127.0.0.1:8443"),
+    ("Credentials", "StsProtocol", "https"),
+    ("Credentials", "Profile", ""),
+    ("Credentials", "Profile", "my profile.1"),
+    ("Credentials", "CliConfigPath", ""),
+    ("Credentials", "CliConfigPath", "/home/app/.aliyun/config.json"),
+    ("Credentials", "CredentialsFile", "relative/credentials.ini"),
+    ("Credentials", "CredentialsUri", ""),
+    ("Credentials", "CredentialsUri", "https://credentials.example/v1?token=abc"),
+    ("Credentials", "CredentialsUri", "http://127.0.0.1:8080/credentials"),
+    ("Credentials", "CredentialsUri", "http://localhost/c"),
+    ("Credentials", "CredentialsUri", "http://[::1]:9/c"),
+    ("Credentials", "CredentialsUri", "http://169.254.170.2/v2/credentials"),
+    ("Credentials", "CredentialsUri", "http://[fe80::1]/c"),
+    ("Credentials", "AllowedRoleArns", []),
+    ("Credentials", "AllowedRoleArns", ["acs:ram::1:role/a", "acs:ram::1:role/b"]),
     ("Credentials", "RoleName", ""),
     ("Credentials", "RoleName", "KmsAgent.Role_1@prod-x"),
     ("Credentials", "RoleName", "r" * 64),
@@ -226,7 +275,41 @@ REJECTED: list[tuple[str, str, Any]] = [
     ("Credentials", "RoleName", "../../meta-data"),  # it becomes a path segment of the metadata URL
     ("Credentials", "RoleName", "role name"),
     ("Credentials", "RoleName", "r" * 65),
-    ("Credentials", "Type", "ram_role_arn"),
+    ("Credentials", "Type", "RAM_ROLE_ARN"),
+    ("Credentials", "RoleArn", "acs:ram::1:role/"),
+    ("Credentials", "RoleArn", "acs:ram::x1:role/r"),
+    ("Credentials", "RoleArn", "acs:ram:cn-hangzhou:1:role/r"),
+    ("Credentials", "RoleArn", "acs:ram::1:user/r"),
+    ("Credentials", "RoleArn", "acs:ram::1:role/a b"),
+    ("Credentials", "RoleSessionName", ""),
+    ("Credentials", "RoleSessionName", "a"),
+    ("Credentials", "RoleSessionName", "s" * 65),
+    ("Credentials", "RoleSessionName", "has space"),
+    ("Credentials", "ExternalId", "a"),
+    ("Credentials", "ExternalId", "x" * 1225),
+    ("Credentials", "ExternalId", "bad id"),
+    ("Credentials", "Policy", "not json"),
+    ("Credentials", "Policy", "[]"),
+    ("Credentials", "Policy", '{"a": "' + "x" * 8200 + '"}'),
+    ("Credentials", "SourceType", "ram_role_arn"),
+    ("Credentials", "SourceType", "AUTO"),
+    ("Credentials", "StsEndpoint", "https://sts.aliyuncs.com"),
+    ("Credentials", "StsEndpoint", "sts.aliyuncs.com/x"),
+    ("Credentials", "StsProtocol", "ftp"),
+    ("Credentials", "Profile", "bad\nname"),
+    ("Credentials", "Profile", "p" * 129),
+    ("Credentials", "CliConfigPath", "/tmp/a\x00b"),
+    ("Credentials", "CredentialsUri", "http://10.0.0.1/credentials"),
+    ("Credentials", "CredentialsUri", "http://100.100.100.200/credentials"),
+    ("Credentials", "CredentialsUri", "http://credentials.example/c"),
+    ("Credentials", "CredentialsUri", "ftp://127.0.0.1/c"),
+    ("Credentials", "CredentialsUri", "https://user:pass@credentials.example/c"),
+    ("Credentials", "CredentialsUri", "https://credentials.example/c#frag"),
+    ("Credentials", "CredentialsUri", "https:///c"),
+    ("Credentials", "CredentialsUri", "127.0.0.1/c"),
+    ("Credentials", "AllowedRoleArns", ["acs:ram::1:role/a", "acs:ram::1:role/A"]),
+    ("Credentials", "AllowedRoleArns", ["arn:aws:iam::1:role/a"]),
+    ("Credentials", "AllowedRoleArns", "acs:ram::1:role/a"),
     ("Credentials", "MetadataEndpoint", "100.100.100.200"),
     ("Credentials", "MetadataEndpoint", "ftp://100.100.100.200"),
     ("Credentials", "MetadataEndpoint", "http://"),
@@ -270,6 +353,25 @@ def test_http_port_message() -> None:
     assert message == "[Server] HttpPort = 70000: must be 0 or an integer in 1024..65535"
 
 
+def test_ram_role_arn_needs_a_role_arn() -> None:
+    message = error_for({"Credentials": {"Type": "ram_role_arn"}})
+    assert message.startswith('[Credentials] RoleArn = "": must be acs:ram::<account-id>:role/<name>')
+    config = parse_config({"Credentials": {"Type": "ram_role_arn", "RoleArn": "acs:ram::1:role/r"}})
+    assert (config.credentials.type, config.credentials.role_arn) == ("ram_role_arn", "acs:ram::1:role/r")
+
+
+@pytest.mark.parametrize("endpoint", ["", "sts.aliyuncs.com", "10.0.0.1:80"])
+def test_sts_protocol_http_needs_a_loopback_sts_endpoint(endpoint: str) -> None:
+    message = error_for({"Credentials": {"StsProtocol": "http", "StsEndpoint": endpoint}})
+    assert message.startswith("[Credentials] StsProtocol = 'http': must be \"https\" unless StsEndpoint is a loopback")
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:9000", "[::1]:9", "localhost:1"])
+def test_sts_protocol_http_is_fine_for_a_loopback_sts_endpoint(endpoint: str) -> None:
+    config = parse_config({"Credentials": {"StsProtocol": "http", "StsEndpoint": endpoint}})
+    assert config.credentials.sts_protocol == "http"
+
+
 def test_lists_become_tuples_and_metadata_endpoint_loses_its_slash() -> None:
     assert parse_one("Cache", "Prefetch", ["a", "b"]).cache.prefetch == ("a", "b")
     config = parse_one("Credentials", "MetadataEndpoint", "http://100.100.100.200/")
@@ -305,6 +407,9 @@ WRONG_TYPES: list[tuple[str, str, Any]] = [
     ("Server", "SSRFEnvVariables", ("KMS_TOKEN",)),
     ("KMS", "Region", 5),
     ("Credentials", "RoleName", ["role"]),
+    ("Credentials", "DurationSeconds", "3600"),
+    ("Credentials", "AllowedRoleArns", [1]),
+    ("Credentials", "Policy", {"Version": "1"}),
     ("Log", "Path", {"dir": "/tmp"}),
     ("Credentials", "RoleName", "\ud800"),  # a lone surrogate: has no UTF-8 form, so no TOML form
 ]

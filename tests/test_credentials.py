@@ -1,5 +1,5 @@
-"""Credentials: the ECS RAM-role task against the metadata emulator (autojump_clock), the auto chain,
-the OIDC wrapper, and the dedicated gateway's TLS."""
+"""Credentials: the ECS RAM-role task against the metadata emulator (autojump_clock), the OIDC
+wrapper, and the dedicated gateway's TLS. The chain, profiles, URIs and STS: test_credentials_*.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
 from kmsagent.config import CredentialsConfig
-from kmsagent.credentials import Credentials, CredentialsUnavailable, credential_source
+from kmsagent.credentials import Credentials
 from kmsagent.credentials.base import parse_expiration
 from kmsagent.credentials.ecs_role import REJECTION_RENEW_INTERVAL, EcsRamRoleCredentials
 from kmsagent.credentials.oidc import OidcRoleCredentials
@@ -70,10 +70,10 @@ async def test_renewals_come_before_expiry_and_reads_never_fail(
     assert {status for _, status in statuses} == {200}
     renewals = len(metadata.issued) - 1
     assert renewals >= 3
-    # Each renewal was fetched (minted) while the credentials it replaced were still valid.
+    # Each renewal came min(RenewBeforeSeconds = 15 s, a third of the 20 s lifetime) before expiry.
     for previous, following in zip(metadata.issued, metadata.issued[1:]):
         minted_at = following.expires_at - metadata.lifetime
-        assert minted_at < previous.expires_at - 10  # about RenewBeforeSeconds (15 s) early
+        assert minted_at == pytest.approx(previous.expires_at - 20 / 3, abs=1)  # Expiration has whole seconds
 
 
 async def test_a_metadata_outage_keeps_old_credentials_until_expiry_then_502_then_recovers(
@@ -295,42 +295,7 @@ async def test_the_renewal_schedule_follows_every_expiration_form(
     assert minted[1] - minted[0] == pytest.approx(3600 - 900, abs=precision + 0.1)
 
 
-# --- the auto chain -------------------------------------------------------------------------------
-
-OIDC_ENV = {
-    "ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1:role/r",
-    "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "acs:ram::1:oidc-provider/p",
-    "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/var/run/secrets/token",
-}
-AK_ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
-
-
-@pytest.mark.parametrize(
-    ("kind", "env", "expected"),
-    [
-        ("auto", {**AK_ENV, **OIDC_ENV}, "access_key (environment)"),
-        ("auto", {**AK_ENV, "ALIBABA_CLOUD_SECURITY_TOKEN": "t"}, "sts (environment)"),
-        ("auto", OIDC_ENV, OidcRoleCredentials.kind),
-        ("auto", {"ALIBABA_CLOUD_ROLE_ARN": "only-one-of-three"}, "ecs_ram_role"),
-        ("auto", {}, "ecs_ram_role"),
-        ("access_key", AK_ENV, "access_key (environment)"),
-        ("ecs_ram_role", AK_ENV, "ecs_ram_role"),
-        ("oidc_role_arn", {**AK_ENV, **OIDC_ENV}, OidcRoleCredentials.kind),
-    ],
-)
-def test_the_chain_picks_each_source_in_order(kind: str, env: dict[str, str], expected: str) -> None:
-    source = credential_source(CredentialsConfig(type=kind, metadata_endpoint="http://127.0.0.1:9"), env)
-    assert source.kind.startswith(expected)
-
-
-@pytest.mark.parametrize(
-    ("kind", "env", "named"),
-    [("access_key", {}, "ALIBABA_CLOUD_ACCESS_KEY_ID"), ("sts", AK_ENV, "ALIBABA_CLOUD_SECURITY_TOKEN"),
-     ("oidc_role_arn", {"ALIBABA_CLOUD_ROLE_ARN": "r"}, "ALIBABA_CLOUD_OIDC_TOKEN_FILE")],
-)
-def test_an_explicit_type_without_its_variables_is_a_start_error(kind: str, env: dict[str, str], named: str) -> None:
-    with pytest.raises(CredentialsUnavailable, match=named):
-        credential_source(CredentialsConfig(type=kind), env)
+# --- the OIDC wrapper (the chain itself: test_credentials_chain.py) ---------------------------
 
 
 class FakeOidcProvider:

@@ -1,4 +1,5 @@
-"""The KMS emulator must accept what the official SDK sends and reject what the real KMS rejects.
+"""The KMS emulator must accept what the official SDK sends and reject what the real KMS rejects;
+so must the STS AssumeRole emulator, and the credentials URI must serve what the SDK parses.
 
 Most tests drive the emulator with the OFFICIAL SDK (in a worker thread, because it blocks); the
 ones that need byte-level control (replay, tampering, virtual-time delays) sign requests with the
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from alibabacloud_credentials.provider.uri import URLCredentialsProvider
 from alibabacloud_kms20160120.client import Client
 from alibabacloud_kms20160120.models import GetSecretValueRequest, GetSecretValueResponseBody
 from alibabacloud_tea_openapi.exceptions import (
@@ -34,7 +36,17 @@ from darabonba.exceptions import UnretryableException
 from darabonba.runtime import RuntimeOptions
 from Tea.exceptions import TeaException
 
-from kmsagent.emulator import Fault, HttpRequest, HttpResponse, KmsEmulator, serve_http
+from kmsagent.credentials.sts import API_VERSION as STS_VERSION
+from kmsagent.credentials.sts import rpc_signature
+from kmsagent.emulator import (
+    CredentialsUriEmulator,
+    Fault,
+    HttpRequest,
+    HttpResponse,
+    KmsEmulator,
+    StsEmulator,
+    serve_http,
+)
 
 AK, SK = "LTAI-static-key", "static-secret"
 STS_AK, STS_SK, STS_TOKEN = "STS.temp-key", "temp-secret", "CAIS-security-token"
@@ -549,3 +561,158 @@ def _self_signed_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
         server.load_cert_chain(cert_file.name, key_file.name)
     client = ssl.create_default_context(cadata=cert_pem.decode())
     return server, client
+
+
+# --- STS AssumeRole and the credentials URI --------------------------------------------------------
+
+@pytest.fixture
+async def sts(emulator: KmsEmulator, nursery: trio.Nursery, clock: Clock) -> StsEmulator:
+    service = StsEmulator(emulator, clock=clock)
+    await nursery.start(service.serve)
+    return service
+
+
+def assume_role(
+    role_arn: str,
+    *,
+    ak: str = AK,
+    sk: str = SK,
+    token: str | None = None,
+    timestamp: dt.datetime | None = None,
+    method: str = "POST",
+    **extra: str,
+) -> dict[str, str]:
+    """AssumeRole parameters signed as the RPC signature documentation says."""
+    params = {
+        "Action": "AssumeRole",
+        "Format": "JSON",
+        "Version": STS_VERSION,
+        "RoleArn": role_arn,
+        "RoleSessionName": "tests",
+        "DurationSeconds": "900",
+        "SignatureMethod": "HMAC-SHA1",
+        "SignatureVersion": "1.0",
+        "SignatureNonce": uuid.uuid4().hex,
+        "Timestamp": (timestamp or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "AccessKeyId": ak,
+        **extra,
+    }
+    if token is not None:
+        params["SecurityToken"] = token
+    return params | {"Signature": rpc_signature(params, sk, method)}
+
+
+async def call_sts(sts: StsEmulator, params: dict[str, str], method: str = "POST") -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://{sts.endpoint}", timeout=5) as http:
+        if method == "GET":
+            return await http.get("/", params=params)
+        return await http.post("/", data=params)
+
+
+async def test_sts_mints_credentials_kms_accepts_for_the_roles_secrets_until_they_expire(
+    sts: StsEmulator, emulator: KmsEmulator, port: int, clock: Clock
+) -> None:
+    emulator.put_secret("other", "other-value")
+    role = sts.add_role("reader", secrets=[SECRET])
+    clock.offset = -10  # minted 10 s "ago", so they expire within the 15 min signing window below
+    response = await call_sts(sts, assume_role(role))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["AssumedRoleUser"]["Arn"] == f"{role}/tests"
+    minted = body["Credentials"]
+    assert minted["AccessKeyId"].startswith("STS.") and minted["Expiration"].endswith("Z")
+    client = sdk_client(port, minted["AccessKeyId"], minted["AccessKeySecret"], minted["SecurityToken"])
+    assert (await sdk_get(client)).secret_data == VALUE
+    denied = await sdk_error(client, "other")
+    assert (denied.code, denied.statusCode) == ("Forbidden.NoPermission", 403)  # type: ignore[attr-defined]
+    clock.offset = 891
+    expired = await sdk_error(client)
+    assert expired.code == "InvalidSecurityToken.Expired"  # type: ignore[attr-defined]
+
+
+async def test_sts_accepts_get_and_post_and_sts_callers(sts: StsEmulator) -> None:
+    role = sts.add_role("reader")
+    assert (await call_sts(sts, assume_role(role, method="GET"), method="GET")).status_code == 200
+    assert (await call_sts(sts, assume_role(role, ak=STS_AK, sk=STS_SK, token=STS_TOKEN))).status_code == 200
+    minted = sts.issued[-1]  # a role session may assume another role (a chain)
+    chained = assume_role(role, ak=minted.access_key_id, sk=minted.access_key_secret, token=minted.security_token)
+    assert (await call_sts(sts, chained)).status_code == 200
+    assert [call.status for call in sts.calls] == [200, 200, 200]
+
+
+def sts_code(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert set(body) >= {"RequestId", "HostId", "Code", "Message", "Recommend"}
+    return response.status_code, body["Code"]
+
+
+async def test_sts_checks_like_the_gateway(sts: StsEmulator, clock: Clock) -> None:
+    role = sts.add_role("reader", max_session_duration=3600, trusted=[AK, STS_AK], external_id="ext-1")
+    ok = {"ExternalId": "ext-1"}
+    params = assume_role(role, **ok)
+    assert (await call_sts(sts, params)).status_code == 200
+    assert sts_code(await call_sts(sts, params)) == (400, "SignatureNonceUsed")
+    tampered = params | {"SignatureNonce": "other", "DurationSeconds": "1800"}
+    assert sts_code(await call_sts(sts, tampered)) == (400, "SignatureDoesNotMatch")
+    assert sts_code(await call_sts(sts, assume_role(role, method="GET", **ok))) == (400, "SignatureDoesNotMatch")
+    assert sts_code(await call_sts(sts, assume_role(role, sk="wrong", **ok))) == (400, "SignatureDoesNotMatch")
+    assert sts_code(await call_sts(sts, assume_role(role, ak="LTAInobody", **ok))) == (404, "InvalidAccessKeyId.NotFound")
+    stale = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)
+    assert sts_code(await call_sts(sts, assume_role(role, timestamp=stale, **ok))) == (400, "InvalidTimeStamp.Expired")
+    assert sts_code(await call_sts(sts, assume_role(role, ak=STS_AK, sk=STS_SK, **ok))) == (
+        400,
+        "InvalidSecurityToken.MismatchWithAccessKey",
+    )
+    assert sts_code(await call_sts(sts, assume_role(role, token="t", **ok))) == (400, "InvalidSecurityToken.Malformed")
+    assert sts_code(await call_sts(sts, assume_role(role, DurationSeconds="3601", **ok))) == (
+        400,
+        "InvalidParameter.DurationSeconds",
+    )
+    assert sts_code(await call_sts(sts, assume_role(role, RoleSessionName="a b", **ok))) == (
+        400,
+        "InvalidParameter.RoleSessionName",
+    )
+    assert sts_code(await call_sts(sts, assume_role(role, Policy="{not json", **ok))) == (400, "InvalidParameter.PolicyGrammar")
+    assert sts_code(await call_sts(sts, assume_role(role + "x", **ok))) == (404, "EntityNotExist.Role")
+    assert sts_code(await call_sts(sts, assume_role(role))) == (403, "NoPermission")  # no ExternalId
+    emulator_key = "LTAIuntrusted"
+    sts.kms.add_credentials(emulator_key, "untrusted-secret")
+    assert sts_code(await call_sts(sts, assume_role(role, ak=emulator_key, sk="untrusted-secret", **ok))) == (403, "NoPermission")
+    sts.kms.add_credentials("STS.expired", "expired-sk", "expired-token", expires_at=clock() - 1)
+    sts.roles[role.lower()].trusted = None
+    assert sts_code(await call_sts(sts, assume_role(role, ak="STS.expired", sk="expired-sk", token="expired-token", **ok))) == (
+        400,
+        "InvalidSecurityToken.Expired",
+    )
+    sts.outage = True
+    assert sts_code(await call_sts(sts, assume_role(role, **ok))) == (503, "ServiceUnavailable")
+    assert len(sts.issued) == 1
+
+
+async def test_sts_signature_mismatch_quotes_the_string_to_sign_as_the_gateway_does(sts: StsEmulator) -> None:
+    """Why the agent never logs STS's Message: it carries the caller's security token."""
+    role = sts.add_role("reader")
+    response = await call_sts(sts, assume_role(role, ak=STS_AK, sk="wrong", token=STS_TOKEN))
+    assert sts_code(response) == (400, "SignatureDoesNotMatch")
+    assert STS_TOKEN in response.json()["Message"]
+
+
+async def test_the_credentials_uri_serves_the_same_credentials_for_half_their_lifetime(
+    emulator: KmsEmulator, nursery: trio.Nursery, port: int, clock: Clock
+) -> None:
+    uri = CredentialsUriEmulator(emulator, lifetime=600, clock=clock)
+    await nursery.start(uri.serve)
+    provider = URLCredentialsProvider(uri=uri.uri)
+    first = await trio.to_thread.run_sync(provider.get_credentials)  # the SDK parses its answer
+    async with httpx.AsyncClient(timeout=5) as http:
+        assert (await http.get(str(uri.uri))).json()["AccessKeyId"] == first.get_access_key_id()
+        clock.offset = 301
+        renewed = (await http.get(str(uri.uri))).json()
+        assert renewed["AccessKeyId"] != first.get_access_key_id() and len(uri.issued) == 2
+        client = sdk_client(port, renewed["AccessKeyId"], renewed["AccessKeySecret"], renewed["SecurityToken"])
+        assert (await sdk_get(client)).secret_data == VALUE
+        uri.outage = True
+        assert (await http.get(str(uri.uri))).status_code == 503
+        uri.outage, uri.failure_code = False, "Failed"
+        assert (await http.get(str(uri.uri))).json()["Code"] == "Failed"
+        assert (await http.get(str(uri.uri).replace("/credentials", "/other"))).status_code == 404

@@ -24,7 +24,7 @@ from loguru import logger
 from kmsagent import __version__, signals
 from kmsagent.agent import run_agent
 from kmsagent.config import Config, ConfigError, ServerConfig, check_log_folder, dump_config, load_config
-from kmsagent.credentials import CredentialsUnavailable, credential_source
+from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.notify import Notifier
 from kmsagent.server import ServeError, listen_urls
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             check_log_folder(config.log)
-            credential_source(config.credentials, os.environ)  # static part: variables and files
+            check_credentials(config.credentials, os.environ, region=config.kms.region)  # variables and files
         except ConfigError as error:
             return _fail(EXIT_USAGE, f"config error: {error}")
         except CredentialsUnavailable as error:
@@ -156,10 +156,11 @@ def scrub_environment(env: MutableMapping[str, str]) -> None:
 def _run(config: Config, config_path: str | None, overrides: Callable[[Config], Config]) -> int:
     configure_logging(config.log)  # first: the token and credential sources log through its sinks
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
-    credentials = credential_source(config.credentials, os.environ)
     notifier = Notifier.from_environment(os.environ)  # systemd's NOTIFY_SOCKET (SPEC §11)
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
+        # In trio: `auto` probes the metadata service, and files are read off this thread.
+        credentials = await credential_source(config.credentials, os.environ, region=config.kms.region)
         agent = partial(
             run_agent,
             config,

@@ -7,6 +7,7 @@ range raise `ConfigError`, whose message is the one stderr line the CLI prints b
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tempfile
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
+from urllib.parse import urlsplit
 
 
 class ConfigError(ValueError):
@@ -69,6 +71,19 @@ class CredentialsConfig:
     metadata_endpoint: str = "http://100.100.100.200"
     disable_imdsv1: bool = False
     renew_before_seconds: int = 900
+    role_arn: str = ""
+    role_session_name: str = "kmsagent"
+    duration_seconds: int = 3600
+    external_id: str = ""
+    policy: str = ""
+    source_type: str = "auto"
+    sts_endpoint: str = ""
+    sts_protocol: str = "https"
+    profile: str = ""
+    cli_config_path: str = ""
+    credentials_file: str = ""
+    credentials_uri: str = ""
+    allowed_role_arns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -226,6 +241,11 @@ _REGION = re.compile(r"[a-z0-9-]+")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 _PORT = re.compile(r"[0-9]{1,5}")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")  # it becomes a path segment of the metadata URL
+_ROLE_ARN = re.compile(r"acs:ram::[0-9]{1,32}:role/[A-Za-z0-9._@-]{1,64}")
+_SESSION_NAME = re.compile(r"[A-Za-z0-9_.@-]{2,64}")  # STS's RoleSessionName rule
+_EXTERNAL_ID = re.compile(r"[A-Za-z0-9_+=,.@:/-]{2,1224}")  # STS's ExternalId rule
+#: An inline policy is a short JSON document; the bound keeps a pasted file out of every STS call.
+_MAX_POLICY = 8192
 
 
 def _is_path_prefix(text: str) -> bool:
@@ -284,6 +304,51 @@ def _is_loopback(host: str) -> bool:
 def _is_readable_file(path: str) -> bool:
     """Checked at load so a wrong CA path fails `--check-config`, not the first TLS handshake."""
     return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
+def is_role_arn(text: str) -> bool:
+    """`acs:ram::<account-id>:role/<name>`, the only form a RoleArn or roleArn= may take."""
+    return _ROLE_ARN.fullmatch(text) is not None
+
+
+def is_credentials_uri(text: str) -> bool:
+    """An https:// URL, or http:// to a loopback or link-local address (credentials in clear
+    text may only cross the host or the link); no user info, no fragment."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.fragment:
+        return False
+    authority = parts.netloc
+    if _authority_host(authority) is None or (port is not None and port == 0):
+        return False
+    if any(c.isspace() or not c.isprintable() for c in text):
+        return False
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname
+    if _is_loopback(host):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_link_local
+    except ValueError:
+        return False
+
+
+def _is_policy(text: str) -> bool:
+    if len(text) > _MAX_POLICY:
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _is_path_text(text: str) -> bool:
+    """A file path as typed: no NUL or other control characters."""
+    return all(c.isprintable() for c in text)
 
 
 def _metadata_endpoint(value: Any) -> str:
@@ -352,7 +417,40 @@ _role_name = _text(
     'must be "" (discover it) or a RAM role name of 1..64 characters [A-Za-z0-9._@-]',
     lambda name: name == "" or _ROLE_NAME.fullmatch(name),
 )
-_credentials_type = _one_of("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn")
+_CREDENTIAL_TYPES = (
+    "auto",
+    "access_key",
+    "sts",
+    "ecs_ram_role",
+    "oidc_role_arn",
+    "ram_role_arn",
+    "cli_profile",
+    "credentials_file",
+    "credentials_uri",
+)
+_credentials_type = _one_of(*_CREDENTIAL_TYPES)
+_source_type = _one_of(*(kind for kind in _CREDENTIAL_TYPES if kind != "ram_role_arn"))
+_role_arn = _text('must be "" or acs:ram::<account-id>:role/<name>', lambda text: text == "" or is_role_arn(text))
+_role_session_name = _text("must be 2..64 characters of [A-Za-z0-9_.@-] (STS's rule)", _SESSION_NAME.fullmatch)
+_external_id = _text(
+    'must be "" or 2..1224 characters of [A-Za-z0-9_+=,.@:/-] (STS\'s rule)',
+    lambda text: text == "" or _EXTERNAL_ID.fullmatch(text),
+)
+_policy = _text(
+    f'must be "" or a JSON object (a RAM policy document) of at most {_MAX_POLICY} characters',
+    lambda text: text == "" or _is_policy(text),
+)
+_profile = _text(
+    'must be "" or a profile name of at most 128 printable characters', lambda text: len(text) <= 128 and text.isprintable()
+)
+_file_path = _text('must be "" or a file path (no control characters)', _is_path_text)
+_credentials_uri = _text(
+    'must be "" or an https:// URL, or an http:// URL of a loopback or link-local address',
+    lambda text: text == "" or is_credentials_uri(text),
+)
+_allowed_role_arns = _list_of(
+    "must be a list of distinct role ARNs, acs:ram::<account-id>:role/<name>", is_role_arn, non_empty=False, unique_nocase=True
+)
 
 _KEYS: tuple[_Key, ...] = (
     _Key("Server", "HttpPort", "http_port", _http_port),
@@ -380,6 +478,19 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Credentials", "MetadataEndpoint", "metadata_endpoint", _metadata_endpoint),
     _Key("Credentials", "DisableIMDSv1", "disable_imdsv1", _bool),
     _Key("Credentials", "RenewBeforeSeconds", "renew_before_seconds", _int_in(1, 43_200)),
+    _Key("Credentials", "RoleArn", "role_arn", _role_arn),
+    _Key("Credentials", "RoleSessionName", "role_session_name", _role_session_name),
+    _Key("Credentials", "DurationSeconds", "duration_seconds", _int_in(900, 43_200)),
+    _Key("Credentials", "ExternalId", "external_id", _external_id),
+    _Key("Credentials", "Policy", "policy", _policy),
+    _Key("Credentials", "SourceType", "source_type", _source_type),
+    _Key("Credentials", "StsEndpoint", "sts_endpoint", _endpoint),
+    _Key("Credentials", "StsProtocol", "sts_protocol", _one_of("https", "http")),
+    _Key("Credentials", "Profile", "profile", _profile),
+    _Key("Credentials", "CliConfigPath", "cli_config_path", _file_path),
+    _Key("Credentials", "CredentialsFile", "credentials_file", _file_path),
+    _Key("Credentials", "CredentialsUri", "credentials_uri", _credentials_uri),
+    _Key("Credentials", "AllowedRoleArns", "allowed_role_arns", _allowed_role_arns),
     _Key("Log", "Level", "level", _one_of("debug", "info", "warn", "error")),
     _Key("Log", "Path", "path", _text("must be a non-empty string", bool)),
     _Key("Log", "MaxFileSizeMB", "max_file_size_mb", _int_in(1, 10_240)),
@@ -399,6 +510,18 @@ def _check_protocol(kms: KmsConfig) -> None:
         raise ConfigError(
             f'[KMS] Protocol = {_show(kms.protocol)}: must be "https" unless Endpoint is a loopback '
             f"host (127.0.0.0/8, [::1] or localhost); Endpoint = {_show(kms.endpoint)}"
+        )
+
+
+def _check_credentials(credentials: CredentialsConfig) -> None:
+    """Keys that only make sense together: a role to assume, and plain http only to an emulator."""
+    if credentials.type == "ram_role_arn" and not credentials.role_arn:
+        raise ConfigError('[Credentials] RoleArn = "": must be acs:ram::<account-id>:role/<name> when Type = "ram_role_arn"')
+    host = _authority_host(credentials.sts_endpoint) if credentials.sts_endpoint else None
+    if credentials.sts_protocol == "http" and not (host and _is_loopback(host)):
+        raise ConfigError(
+            f'[Credentials] StsProtocol = {_show(credentials.sts_protocol)}: must be "https" unless StsEndpoint is a '
+            f"loopback host (127.0.0.0/8, [::1] or localhost); StsEndpoint = {_show(credentials.sts_endpoint)}"
         )
 
 
@@ -429,6 +552,7 @@ def parse_config(document: dict[str, Any]) -> Config:
         sections[attr] = cls(**values)
     config = Config(**sections)
     _check_protocol(config.kms)
+    _check_credentials(config.credentials)
     return config
 
 

@@ -1,7 +1,9 @@
 """`--dev`: the agent against an embedded KMS emulator, with demo secrets, keys and token.
 
 With `[Credentials] Type = "ecs_ram_role"` an embedded metadata service stands in for the ECS
-instance's RAM role too, so the credential task renews real (emulated) STS credentials.
+instance's RAM role too, so the credential task renews real (emulated) STS credentials; with
+`"ram_role_arn"` an embedded STS grants the config's RoleArn to the demo keys; with
+`"credentials_uri"` an embedded credentials URI serves them.
 
 The token is the environment's when one of `SSRFEnvVariables` is set (SPEC §1: a `KMS_TOKEN`
 already set is the token; a value or `file://`, as in a normal run), else a fresh one. A fresh
@@ -26,7 +28,9 @@ from kmsagent.agent import run_agent, start_service
 from kmsagent.config import Config, ConfigError, CredentialsConfig
 from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials
 from kmsagent.credentials.ecs_role import EcsRamRoleCredentials
-from kmsagent.emulator import KmsEmulator, MetadataEmulator
+from kmsagent.credentials.sts import AssumeRoleSession, RoleRequest, StsEndpoint
+from kmsagent.credentials.uri import UriCredentials
+from kmsagent.emulator import CredentialsUriEmulator, KmsEmulator, MetadataEmulator, StsEmulator
 from kmsagent.token import TokenSource
 
 DEMO_SECRETS_FILE = "dev-secrets.toml"
@@ -108,11 +112,24 @@ async def run_dev(
 async def _dev_credentials(
     config: CredentialsConfig, emulator: KmsEmulator, nursery: trio.Nursery
 ) -> CredentialSource:
-    """Demo keys; or, for `Type = "ecs_ram_role"`, the RAM role of an embedded metadata service."""
+    """Demo keys; or the RAM role of an embedded metadata service, an embedded credentials URI, or
+    an AssumeRole session of the config's role at an embedded STS, signed with the demo keys."""
     if config.type == "ecs_ram_role":
         metadata = MetadataEmulator(emulator)
         await nursery.start(metadata.serve)
         return EcsRamRoleCredentials(replace(config, metadata_endpoint=str(metadata.endpoint)))
+    if config.type == "credentials_uri":
+        uri = CredentialsUriEmulator(emulator)
+        await nursery.start(uri.serve)
+        return UriCredentials(str(uri.uri), renew_before=config.renew_before_seconds)
     credentials = Credentials(f"LTAIdev{secrets.token_hex(8)}", secrets.token_urlsafe(24))
     emulator.add_credentials(credentials.access_key_id, credentials.access_key_secret)
-    return StaticCredentials(credentials, "static demo keys (--dev)")
+    demo = StaticCredentials(credentials, "static demo keys (--dev)")
+    if config.type == "ram_role_arn":
+        sts = StsEmulator(emulator)
+        sts.add_role(config.role_arn, max_session_duration=43200)
+        port = await nursery.start(sts.serve)
+        request = RoleRequest(config.role_arn, config.role_session_name, config.duration_seconds, config.external_id, config.policy)
+        endpoint = StsEndpoint(f"127.0.0.1:{port}", "http")
+        return AssumeRoleSession(demo, request, endpoint, renew_before=config.renew_before_seconds)
+    return demo

@@ -67,6 +67,21 @@ def parse_expiration(text: str) -> float:
     return moment.timestamp()
 
 
+#: A renewal never comes sooner than this after the previous one (a loop guard for tiny lifetimes).
+MIN_RENEW_INTERVAL = 1.0
+
+
+def renewal_delay(expiration: float, now: float, renew_before: float) -> float:
+    """Seconds from `now` until STS credentials expiring at `expiration` are renewed (SPEC §6).
+
+    min(RenewBeforeSeconds, a third of the lifetime left) before `Expiration`: a 900 s session
+    with the default RenewBeforeSeconds of 900 renews after 600 s, not at once and in a loop as
+    "900 s before expiry" alone would; an hour's session renews 900 s before its end.
+    """
+    remaining = expiration - now
+    return max(MIN_RENEW_INTERVAL, remaining - min(renew_before, remaining / 3))
+
+
 class CredentialsUnavailable(Exception):
     """No credential source could be set up (exit 1 at start-up). Never carries a value."""
 

@@ -35,15 +35,44 @@ class OidcRoleCredentials:
         self._expiration: float | None = None
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str]) -> OidcRoleCredentials:
-        """The SDK provider for the RRSA variables in `env` (it reads os.environ only at import)."""
+    def from_environment(cls, env: Mapping[str, str], *, sts_endpoint: str = "", sts_region: str = "") -> OidcRoleCredentials:
+        """The SDK provider for the RRSA variables in `env` (it reads os.environ only at import).
+
+        STS: `sts_endpoint` when set, else sts.<ALIBABA_CLOUD_STS_REGION, else `sts_region`>.
+        """
+        return cls.from_profile(
+            role_arn=env.get("ALIBABA_CLOUD_ROLE_ARN", ""),
+            provider_arn=env.get("ALIBABA_CLOUD_OIDC_PROVIDER_ARN", ""),
+            token_file=env.get("ALIBABA_CLOUD_OIDC_TOKEN_FILE", ""),
+            session_name=env.get("ALIBABA_CLOUD_ROLE_SESSION_NAME") or "kmsagent",
+            sts_endpoint=sts_endpoint,
+            sts_region=env.get("ALIBABA_CLOUD_STS_REGION") or sts_region,
+        )
+
+    @classmethod
+    def from_profile(
+        cls,
+        *,
+        role_arn: str,
+        provider_arn: str,
+        token_file: str,
+        session_name: str,
+        duration_seconds: int = 3600,
+        policy: str = "",
+        sts_endpoint: str = "",
+        sts_region: str = "",
+    ) -> OidcRoleCredentials:
+        """The SDK provider for these settings (a CLI profile's or an ini section's)."""
         try:
             provider = OIDCRoleArnCredentialsProvider(
-                role_arn=env.get("ALIBABA_CLOUD_ROLE_ARN"),
-                oidc_provider_arn=env.get("ALIBABA_CLOUD_OIDC_PROVIDER_ARN"),
-                oidc_token_file_path=env.get("ALIBABA_CLOUD_OIDC_TOKEN_FILE"),
-                role_session_name=env.get("ALIBABA_CLOUD_ROLE_SESSION_NAME") or "kmsagent",
-                sts_region_id=env.get("ALIBABA_CLOUD_STS_REGION"),
+                role_arn=role_arn or None,
+                oidc_provider_arn=provider_arn or None,
+                oidc_token_file_path=token_file or None,
+                role_session_name=session_name,
+                duration_seconds=duration_seconds,
+                policy=policy or None,
+                sts_endpoint=sts_endpoint or None,
+                sts_region_id=sts_region or None,
             )
         except ValueError:
             raise CredentialsUnavailable(f"Type = \"oidc_role_arn\" needs {', '.join(ENVIRONMENT)}") from None

@@ -28,8 +28,9 @@ Each request goes through these steps, in this order; the first failure answers:
    `InvalidSecurityToken.Expired`.
 10. `x-acs-signature-nonce` is present (else 400 `MissingSignatureNonce`) and unseen in the last
     15 min (else 400 `SignatureNonceUsed`); it is remembered only once the signature is valid.
-11. GetSecretValue: `SecretName` given (else 400 `MissingSecretName`), secret and version exist
-    (else 404 `Forbidden.ResourceNotFound`).
+11. GetSecretValue: `SecretName` given (else 400 `MissingSecretName`), the key may read it (a key
+    registered with `secrets=` reads only those, as an STS role session does: else 403
+    `Forbidden.NoPermission`), secret and version exist (else 404 `Forbidden.ResourceNotFound`).
 
 Nothing is logged: request headers carry credentials and answers carry secret values.
 """
@@ -44,7 +45,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -96,6 +97,7 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "SignatureNonceUsed": (400, "Specified signature nonce was used already."),
     "MissingSecretName": (400, "SecretName is mandatory for this action."),
     "Forbidden.ResourceNotFound": (404, "The resource not exists."),
+    "Forbidden.NoPermission": (403, "This operation is forbidden by permission system."),
 }
 
 
@@ -163,6 +165,7 @@ class _Credential:
     secret: str
     security_token: str | None
     expires_at: float | None
+    secrets: frozenset[str] | None = None  # the secret names this key may read; None: all
 
 
 @dataclass(frozen=True)
@@ -238,10 +241,20 @@ class KmsEmulator:
         access_key_secret: str,
         security_token: str | None = None,
         expires_at: float | None = None,
+        secrets: Iterable[str] | None = None,
     ) -> None:
-        """Accept this key from now on; `expires_at` is a `clock()` value."""
-        credential = _Credential(access_key_secret, security_token, expires_at)
+        """Accept this key from now on; `expires_at` is a `clock()` value; with `secrets`, it may
+        read only the secrets of those names (a RAM role's permissions)."""
+        allowed = frozenset(secrets) if secrets is not None else None
+        credential = _Credential(access_key_secret, security_token, expires_at, allowed)
         self._credentials[access_key_id] = credential
+
+    def registered(self, access_key_id: str) -> tuple[str, str | None, float | None] | None:
+        """(secret, security token, expires_at) of a key this account knows, for the STS emulator."""
+        credential = self._credentials.get(access_key_id)
+        if credential is None:
+            return None
+        return credential.secret, credential.security_token, credential.expires_at
 
     def revoke_credentials(self, access_key_id: str) -> None:
         """Reject this key from now on, as if it were deleted in RAM."""
@@ -403,8 +416,8 @@ class KmsEmulator:
 
     def _answer(self, request: HttpRequest) -> HttpResponse:
         try:
-            self._authenticate(request)
-            body = self._get_secret_value(request.query)
+            credential = self._authenticate(request)
+            body = self._get_secret_value(request.query, credential.secrets)
         except _KmsError as error:
             return self._error_response(error)
         request_id = _request_id()
@@ -427,7 +440,7 @@ class KmsEmulator:
 
     # --- verification ----------------------------------------------------------------------
 
-    def _authenticate(self, request: HttpRequest) -> None:
+    def _authenticate(self, request: HttpRequest) -> _Credential:
         """Steps 3-10 of the module docstring; raises _KmsError on the first failure."""
         headers = request.headers
         _check_action(headers)
@@ -441,6 +454,7 @@ class KmsEmulator:
         _check_signature(request, auth, payload_hash, credential.secret)
         self._check_security_token(headers, credential)
         self._check_nonce(headers)
+        return credential
 
     def _check_date(self, headers: dict[str, str]) -> None:
         try:
@@ -484,12 +498,14 @@ class KmsEmulator:
 
     # --- GetSecretValue --------------------------------------------------------------------
 
-    def _get_secret_value(self, query: dict[str, str]) -> dict[str, Any]:
+    def _get_secret_value(self, query: dict[str, str], allowed: frozenset[str] | None = None) -> dict[str, Any]:
         """The success body without RequestId, following KMS's version selection rules."""
         name = query.get("SecretName")
         if not name:
             raise _kms_error("MissingSecretName")
         resolved = self._resolve_name(name)
+        if allowed is not None and resolved not in allowed:
+            raise _kms_error("Forbidden.NoPermission")
         secret = self._secrets.get(resolved) if resolved is not None else None
         if secret is None:
             raise _kms_error("Forbidden.ResourceNotFound")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -36,6 +36,29 @@ class IssuedCredentials:
     access_key_secret: str
     security_token: str
     expires_at: float
+
+    def document(self, now: float) -> dict[str, str]:
+        """The JSON the metadata service (and a credentials URI) answers, Code "Success"."""
+        return {
+            "AccessKeyId": self.access_key_id,
+            "AccessKeySecret": self.access_key_secret,
+            "SecurityToken": self.security_token,
+            "Expiration": _utc(self.expires_at),
+            "LastUpdated": _utc(now),
+            "Code": "Success",
+        }
+
+
+def mint(kms: KmsEmulator, lifetime: float, now: float, may_read: Iterable[str] | None = None) -> IssuedCredentials:
+    """New STS credentials valid for `lifetime` seconds from `now`, which `kms` accepts until then
+    (for only the secrets `may_read` names, when given)."""
+    issued = IssuedCredentials(
+        f"STS.{secrets.token_hex(10)}", secrets.token_urlsafe(30), secrets.token_urlsafe(60), now + lifetime
+    )
+    kms.add_credentials(
+        issued.access_key_id, issued.access_key_secret, issued.security_token, expires_at=issued.expires_at, secrets=may_read
+    )
+    return issued
 
 
 class MetadataEmulator:
@@ -112,21 +135,9 @@ class MetadataEmulator:
         if self.malformed:
             return _text(200, '{"AccessKeyId": "STS.trunc')
         now = self.clock()
-        issued = IssuedCredentials(
-            f"STS.{secrets.token_hex(10)}", secrets.token_urlsafe(30), secrets.token_urlsafe(60), now + self.lifetime
-        )
+        issued = mint(self.kms, self.lifetime, now)
         self.issued.append(issued)
-        self.kms.add_credentials(
-            issued.access_key_id, issued.access_key_secret, issued.security_token, expires_at=issued.expires_at
-        )
-        document = {
-            "AccessKeyId": issued.access_key_id,
-            "AccessKeySecret": issued.access_key_secret,
-            "SecurityToken": issued.security_token,
-            "Expiration": _utc(issued.expires_at),
-            "LastUpdated": _utc(now),
-            "Code": self.failure_code or "Success",
-        }
+        document = {**issued.document(now), "Code": self.failure_code or "Success"}
         return HttpResponse(200, [("content-type", "text/plain")], json.dumps(document).encode())
 
 
