@@ -693,11 +693,18 @@ def test_the_kubernetes_example_config_is_valid(staged: Tree, tmp_path: Path) ->
         block.append(line[indent:])
     (tmp_path / "kmsagent.toml").write_text("\n".join(block) + "\n")
     python = str(staged.prefix / "venv" / "bin" / "python")
+    (tmp_path / "oidc-token").write_text("a-projected-service-account-token")
+    rrsa = {  # what the pod's RRSA webhook (or the manifest itself) sets
+        "ALIBABA_CLOUD_ROLE_ARN": "acs:ram::1234567890123456:role/my-app",
+        "ALIBABA_CLOUD_OIDC_PROVIDER_ARN": "acs:ram::1234567890123456:oidc-provider/ack-rrsa-c0ffee",
+        "ALIBABA_CLOUD_OIDC_TOKEN_FILE": str(tmp_path / "oidc-token"),
+    }
     check = subprocess.run(
         [python, "-m", "kmsagent", "--check-config", "--config", str(tmp_path / "kmsagent.toml")],
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, **rrsa},
     )
     assert check.returncode == 0, check.stderr
     effective = tomllib.loads(check.stdout)
