@@ -110,6 +110,13 @@ class SecretCache(Generic[K, V]):
         self._max_stale = max_stale
         self.policy: RefreshPolicy[K] | None = None
         self.evictions = 0
+        #: Keys that feed files or a child's environment (SPEC §5): never evicted by LRU, and
+        #: refreshed ahead whether or not anyone reads them (the refresh policy asks).
+        self.pinned: set[K] = set()
+
+    def pin(self, key: K) -> None:
+        """Keeps `key` always hot. When pinned keys fill the cache, other values are served but not kept."""
+        self.pinned.add(key)
 
     def configure(self, *, ttl: float, serve_stale: bool, max_stale: float | None) -> None:
         """New rules (a config reload); a shorter TTL applies to the values already cached."""
@@ -225,7 +232,10 @@ class SecretCache(Generic[K, V]):
         self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+            victim = next((old for old in self._entries if old not in self.pinned), None)
+            if victim is None:
+                break
+            del self._entries[victim]
             self.evictions += 1
         if self.policy is not None:
             self.policy.loaded(key, entry)

@@ -18,10 +18,11 @@ import trio
 from loguru import logger
 
 from kmsagent import __version__
-from kmsagent.agent import run_agent
-from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
+from kmsagent.agent import run_agent, write_files_once
+from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config, with_command
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
+from kmsagent.processes import make_non_dumpable
 from kmsagent.server import ServeError
 from kmsagent.token import TokenError, TokenSource
 
@@ -38,20 +39,42 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"kmsagent: {message} (see --help)\n")
 
 
+def _split_command(argv: Sequence[str] | None) -> tuple[list[str], list[str] | None]:
+    """`kmsagent [OPTIONS] -- CMD ARGS`: the agent's options, and the program to supervise (§9)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in args:
+        return args, None
+    at = args.index("--")
+    return args[:at], args[at + 1 :]
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="kmsagent", description="Local secret-caching agent for Alibaba Cloud KMS.")
+    parser = _Parser(
+        prog="kmsagent",
+        usage="%(prog)s [OPTIONS] [-- CMD [ARGS...]]",
+        description="Local secret-caching agent for Alibaba Cloud KMS. "
+        "With -- CMD ARGS, it also runs CMD as a supervised child with [Exec] Env secrets in its environment.",
+    )
     parser.add_argument("--config", metavar="PATH", help="TOML config file (default: $KMSAGENT_CONFIG, else built-in defaults)")
     parser.add_argument("--check-config", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--dev", action="store_true", help="run against an embedded KMS emulator with demo secrets")
+    parser.add_argument("--once", action="store_true", help="write every [[Files]] table once and exit (0, or 1 naming each file not written)")
     parser.add_argument("--version", action="version", version=f"kmsagent {__version__}")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
+    options, command = _split_command(argv)
+    args = _parse_args(options)
+    if command is not None and not command:
+        return _fail(EXIT_USAGE, "-- must be followed by a command (see --help)")
+    if args.once and (command or args.dev):
+        return _fail(EXIT_USAGE, f"--once runs no {'program' if command else '--dev emulator'} (see --help)")
     config_path = args.config or os.environ.get("KMSAGENT_CONFIG") or None
     try:
-        config = load_config(config_path)
+        config = with_command(load_config(config_path), command)
+        if args.once and not config.files:
+            raise ConfigError("--once: the config has no [[Files]] tables to write")
     except ConfigError as error:
         return _fail(EXIT_USAGE, f"config error: {error}")
     if args.check_config:
@@ -65,7 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(config), end="")
         return EXIT_OK
     scrub_environment(os.environ)
+    make_non_dumpable()  # SPEC §9: no core dump, /proc or ptrace reader of the agent's secrets
     try:
+        if args.once:
+            return _run_once(config)
         if args.dev:
             return _run_dev(config, config_path)
         return _run(config, config_path)
@@ -88,13 +114,40 @@ def _run(config: Config, config_path: str | None) -> int:
     credentials = credential_source(config.credentials, os.environ)
     configure_logging(config.log)
 
+    child_status: list[int] = []
+
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         agent = partial(
-            run_agent, config, token=token, credentials=credentials, shutdown=shutdown, config_path=config_path
+            run_agent,
+            config,
+            token=token,
+            credentials=credentials,
+            shutdown=shutdown,
+            config_path=config_path,
+            on_exit_status=child_status.append,
         )
         _announce(await nursery.start(agent))
 
-    return _run_until_signal(start)
+    status = _run_until_signal(start)
+    return child_status[-1] if child_status else status
+
+
+def _run_once(config: Config) -> int:
+    """`--once`: every [[Files]] table written, or exit 1 with one line per file that was not."""
+    credentials = credential_source(config.credentials, os.environ)
+    configure_logging(config.log)
+    try:
+        failures = trio.run(partial(write_files_once, config, credentials=credentials))
+    except KeyboardInterrupt:
+        return _fail(EXIT_FAILURE, "--once: interrupted")
+    except BaseExceptionGroup as group:
+        fatal = group.subgroup(FATAL_ERRORS)
+        if fatal is None:
+            raise
+        raise _first_leaf(fatal) from None
+    for line in failures:
+        _fail(EXIT_FAILURE, line)
+    return EXIT_FAILURE if failures else EXIT_OK
 
 
 def _run_dev(config: Config, config_path: str | None) -> int:
@@ -140,10 +193,17 @@ def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]]
 
     async def main() -> None:
         stop = trio.Event()
+        received: list[int] = []
+
+        async def shutdown() -> int | None:
+            """Returns once asked to stop, with the signal that asked (an [Exec] child gets it too)."""
+            await stop.wait()
+            return received[0] if received else None
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, stop, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, received.append)
             async with trio.open_nursery() as service:
-                await start(service, stop.wait)
+                await start(service, shutdown)
             nursery.cancel_scope.cancel()  # the service ended: stop watching for signals
 
     _tune_gc()
@@ -159,7 +219,9 @@ def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]]
     return EXIT_OK
 
 
-async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
+async def _watch_signals(
+    stop: trio.Event, everything: trio.CancelScope, note: Callable[[int], None] = lambda signum: None
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if stop.is_set():
@@ -167,6 +229,7 @@ async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None
                 everything.cancel()
                 return
             logger.info("{}: stopping", signal.Signals(signum).name)
+            note(signum)
             stop.set()
 
 

@@ -72,7 +72,7 @@ class Refresher(Generic[K]):
 
     def failed(self, key: K, entry: Entry[Any]) -> None:
         """A transient failure: a hot entry is tried again after the back-off, while still fresh."""
-        if entry.read and entry.retry_at < entry.expires_at:
+        if (entry.read or key in self._cache.pinned) and entry.retry_at < entry.expires_at:
             self._push(entry.retry_at, key, entry)
 
     async def run(self) -> None:
@@ -85,7 +85,7 @@ class Refresher(Generic[K]):
                 _, _, key, entry = heapq.heappop(self._schedule)
                 if self._cache.peek(key) is not entry:
                     continue  # reloaded, evicted or dropped since
-                if not entry.read:
+                if not entry.read and key not in self._cache.pinned:
                     entry.refresh_due = True
                 elif self._cache.refresh(key, entry):
                     self.started += 1

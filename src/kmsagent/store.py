@@ -41,15 +41,27 @@ class SecretStore:
         self._kms = kms
         self._format = response_format
         self._clock = clock
+        self._next_load: dict[tuple[str, str, str], trio.Event] = {}
 
     async def get(self, query: SecretQuery) -> tuple[CachedSecret, Outcome]:
         async def load() -> CachedSecret:
-            secret = await self._kms.get_secret_value(
-                query.secret_id, version_id=query.version_id, version_stage=query.version_stage
-            )
-            return CachedSecret(secret, self._format.secret(secret))
+            try:
+                secret = await self._kms.get_secret_value(
+                    query.secret_id, version_id=query.version_id, version_stage=query.version_stage
+                )
+                return CachedSecret(secret, self._format.secret(secret))
+            finally:
+                loaded = self._next_load.pop(query.cache_key, None)
+                if loaded is not None:
+                    loaded.set()
 
         return await self.cache.get(query.cache_key, load, refresh=query.refresh)
+
+    def next_load(self, key: tuple[str, str, str]) -> trio.Event:
+        """Set when the next load of `key` ends, with a value or an error (a refresh-ahead, a
+        rotation reload, a client's refreshNow, a miss): how files and a child's environment
+        follow their secrets without polling. Waiters run after the cache has stored the result."""
+        return self._next_load.setdefault(key, trio.Event())
 
     async def prefetch(self, names: Sequence[str], *, wait: float) -> None:
         """Loads `names` (their ACSCurrent versions) as hot entries, waiting at most `wait` seconds.
