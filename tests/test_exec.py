@@ -11,7 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tomllib
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,18 @@ def child_argv(tmp_path: Path, mode: str = "wait") -> list[str]:
 async def wait_exit(agent: AgentProcess, timeout: float) -> int:
     with trio.fail_after(timeout):
         return await agent.process.wait()
+
+
+@pytest.fixture(autouse=True)
+def no_child_left(tmp_path: Path) -> Iterator[None]:
+    """A failing test kills its agent with SIGKILL, which cannot stop the child: this does."""
+    yield
+    for event in events(tmp_path / "events"):
+        try:
+            if str(tmp_path).encode() in Path(f"/proc/{event['pid']}/cmdline").read_bytes():
+                os.kill(event["pid"], signal.SIGKILL)
+        except OSError:
+            pass
 
 
 @pytest.fixture
@@ -316,3 +329,11 @@ def test_check_config_shows_the_command_line_command(tmp_path: Path) -> None:
     result = run_cli("--check-config", "--", "true", "a b", env=AGENT_ENV)
     assert result.returncode == 0
     assert re.search(r'^Command = \["true", "a b"\]$', result.stdout, re.MULTILINE)
+
+
+def test_the_readme_exec_example_is_a_valid_config() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Secrets as files and environment", 1)[1].split("\n## ", 1)[0]
+    block = next(body for body in re.findall(r"```toml\n(.*?)```", section, re.DOTALL) if "[Exec]" in body)
+    config = parse_config(tomllib.loads(block))
+    assert config.exec.env == (("DB_PASSWORD", "prod/db#password"), ("API_KEY", "prod/api-key"))

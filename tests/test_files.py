@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, TOKEN
+from conftest import SECRET_MATERIAL, TOKEN
 from kmsagent import files
 from kmsagent.cache import Outcome, SecretCache
 from kmsagent.config import _FILE_KEYS, ConfigError, FileConfig, parse_config
@@ -536,3 +537,24 @@ async def test_once_writes_every_file_and_exits_0_or_1_naming_the_failures(tmp_p
     failures = [line for line in result.stderr.splitlines() if line.startswith("kmsagent: ")]
     assert len(failures) == 1, result.stderr
     assert failures[0].startswith(f"kmsagent: [[Files]] #3 ({out / 'missing'}): not written: the secret cannot be loaded: Forbidden.ResourceNotFound")
+
+
+def test_the_readme_files_example_is_a_valid_config(folder: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Secrets as files and environment", 1)[1].split("\n## ", 1)[0]
+    block = next(body for body in re.findall(r"```toml\n(.*?)```", section, re.DOTALL) if "[[Files]]" in body)
+    config = parse_config(tomllib.loads(block.replace("/etc/nginx/tls", str(folder))))
+    assert [(file.json_key, file.mode, file.gid is not None) for file in config.files] == [("key", 0o640, True), ("crt", 0o644, False)]
+
+
+async def test_an_on_change_run_is_killed_with_its_group_at_shutdown(tmp_path: Path, emulator: KmsEmulator) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    emulator.put_secret("files/key", "first-value-Po0q")
+    on_change = ["sh", "-c", "sleep 1000.41 & exec sleep 1000.42"]
+    config = files_config(tmp_path, emulator.endpoint, table("files/key", out / "key", OnChange=on_change))
+    async with agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent:
+        emulator.rotate("files/key", "second-value-Po0q")
+        await eventually(lambda: len(alive_with("1000.41")) == 1 and len(alive_with("1000.42")) == 1)
+        assert await stop(agent) == 0  # within 5 s, OnChange's 30 s limit notwithstanding
+    assert alive_with("1000.41") == [] and alive_with("1000.42") == []

@@ -175,14 +175,14 @@ class Supervisor:
             self.running = True
             logger.info("[Exec] started {!r} (pid {})", self._config.command[0], child.pid)
             async with child:
-                status = await self._watch(child, env)
+                restart, status = await self._watch(child, env)
             self.running = False
-            if status is not None:
+            if not restart or self._stop_requested.is_set():  # a stop during the restart: no new child
                 return status
             self.restarts += 1
 
-    async def _watch(self, child: Child, env: dict[str, str]) -> int | None:
-        """Until the child ends for good (its status) or must be restarted (None)."""
+    async def _watch(self, child: Child, env: dict[str, str]) -> tuple[bool, int]:
+        """Until the child ends for good (False, its status) or was stopped to restart (True, its status)."""
         on_change = self._config.on_change
         while True:
             waits: list[Callable[[], Awaitable[object]]] = [child.exited, self._stop_requested.wait]
@@ -192,17 +192,16 @@ class Supervisor:
             if which == 0:
                 returncode = await child.reap()
                 logger.info("[Exec] the program ended ({}); the agent stops", describe(returncode))
-                return exit_status(returncode)
+                return False, exit_status(returncode)
             if which == 1:
                 logger.info("[Exec] passing {} to the program", self._stop_signal.name)
-                return exit_status(await self._stop(child, self._stop_signal))
+                return False, exit_status(await self._stop(child, self._stop_signal))
             if self._env == env:
                 continue  # changed back within COALESCE
             env = dict(self._env or env)
             if on_change == "restart":
                 logger.info("[Exec] Env changed: restarting the program")
-                await self._stop(child, signal.Signals[self._config.stop_signal])
-                return None
+                return True, exit_status(await self._stop(child, signal.Signals[self._config.stop_signal]))
             logger.info("[Exec] Env changed: sending {} to the program", on_change)
             child.signal(signal.Signals[on_change])
 
