@@ -27,8 +27,12 @@ from kmsagent.config import _FILE_KEYS, ConfigError, FileConfig, parse_config
 from kmsagent.emulator import KmsEmulator
 from kmsagent.files import OnChange, render, sync_file, write_atomic
 from kmsagent.kms import SecretValue
+from kmsagent.checks import SecretQuery
+from kmsagent.formats import response_format
+from kmsagent.pinned import PinnedSecret
 from kmsagent.processes import run_bounded
 from kmsagent.refresher import Refresher
+from kmsagent.store import CachedSecret, SecretStore
 from kmsagent.template import RenderError, TemplateError, parse_template
 from test_cli import AGENT_ENV, agent_process, assert_one_line, run_cli, stop, write_config
 
@@ -134,6 +138,43 @@ async def test_a_pinned_entry_nobody_reads_is_refreshed_ahead_and_never_expires(
         entry = cache.peek("pinned")
         assert entry is not None and entry.expires_at > trio.current_time()
     assert len(calls) >= 6  # about one refresh per TTL over 60 s
+
+
+class SlowKms:
+    """A KMS that takes one second per answer and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def get_secret_value(self, name: str, *, version_id: str, version_stage: str) -> SecretValue:
+        self.calls += 1
+        await trio.sleep(1.0)
+        return SecretValue(
+            {"SecretName": name, "SecretData": f"value-{self.calls}", "SecretDataType": "text", "VersionId": f"v{self.calls}",
+             "VersionStages": {"VersionStage": ["ACSCurrent"]}, "CreateTime": "2026-11-30T00:00:00Z"}
+        )
+
+
+async def test_a_followed_secret_is_reloaded_before_expiry_even_when_the_refresher_is_behind(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """No refresher at all (the worst backlog): the follower's backstop reloads ahead of expiry,
+    so the entry is never expired and every reload reaches the consumer, one KMS call per TTL."""
+    cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(max_entries=10, ttl=10, loads=nursery)
+    kms = SlowKms()
+    store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", ttl_seconds=10))  # type: ignore[arg-type]
+    seen: list[str] = []
+
+    async def consume(update: Any) -> None:
+        seen.append(update.secret.data)
+
+    nursery.start_soon(PinnedSecret(store, SecretQuery("s")).follow, consume)
+    await trio.sleep(1.5)  # the first load
+    for _ in range(120):
+        await trio.sleep(0.5)
+        entry = cache.peek(("s", "", "ACSCurrent"))
+        assert entry is not None and entry.expires_at > trio.current_time()
+    assert 6 <= kms.calls <= 8 and seen == [f"value-{n}" for n in range(1, len(seen) + 1)] and len(seen) >= kms.calls - 1
 
 
 # --- Writing ----------------------------------------------------------------------------------------
