@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import resource
+import shutil
 import stat
 import sys
 import tempfile
@@ -621,6 +622,8 @@ class Soak:
             self.fds_at_end = open_descriptors()
             stop.set()
             nursery.cancel_scope.cancel()  # the emulators serve until cancelled
+        if self.extra is not None:
+            shutil.rmtree(self.extra.folder, ignore_errors=True)
         return self.summary(open_at_end)
 
     async def metrics(self, port: int) -> dict[str, float]:
