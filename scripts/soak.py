@@ -12,6 +12,16 @@ earlier version (serving the last value during an outage is the point; MaxStaleS
 no bound). A 5xx (or other non-200) is expected only while a fault window is open, or within the
 grace after it that a KMS call already under way needs to finish (all tries plus back-off).
 
+With `--files N` the agent also renders N secrets to files (`[[Files]]`: whole value, JSON key or
+template, Mode 0640), rotated every `--file-rotate-every` seconds, while a thread reads every file
+in a loop and checks each read: the exact content of some version (never a partial file), Mode
+0640, and not older than TtlSeconds (+ margin) behind KMS. With `--exec` it supervises a child
+whose Env holds one secret (two variables), rotated on the same schedule: the child must restart
+once per rotation, with the new values. At the end (rotations stopped, one TTL to settle) every
+file must hold the last value, no child of the process may be a zombie, and the open descriptors
+must not have grown beyond the KMS connection pools. These runs turn the KMS fault windows off
+(their refreshes would legitimately lag) unless `--faults` is given.
+
 Exit status 1 on any wrong value, any unexpected non-200, or a transport error; else 0.
 Logs go to a file (--log), the summary to stdout.
 """
@@ -22,9 +32,14 @@ import argparse
 import array
 import json
 import logging
+import os
 import random
 import resource
+import shutil
+import stat
 import sys
+import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,7 +49,7 @@ import trio
 from loguru import logger
 
 from kmsagent.agent import run_agent
-from kmsagent.config import CacheConfig, Config, CredentialsConfig, KmsConfig, ServerConfig
+from kmsagent.config import CacheConfig, Config, CredentialsConfig, ExecConfig, FileConfig, KmsConfig, ServerConfig
 from kmsagent.credentials import Credentials, StaticCredentials
 from kmsagent.credentials.ecs_role import EcsRamRoleCredentials
 from kmsagent.emulator import Fault, KmsEmulator, MetadataEmulator
@@ -49,6 +64,16 @@ MARGIN = 2.0
 #: STS credentials from the metadata emulator live this long and are renewed this long before expiry.
 STS_LIFETIME, RENEW_BEFORE = 60, 40
 KINDS = ("kms_500", "kms_503", "throttling", "dropped", "slow", "metadata_outage")
+#: [[Files]] Mode, and the Env secret of the --exec child.
+FILE_MODE = 0o640
+ENV_SECRET = "soak/env"
+#: The --exec child: one JSON line per start (its Env values), then it waits for SIGTERM.
+CHILD = """
+import json, os, signal, sys
+with open(sys.argv[1], "a") as log:
+    log.write(json.dumps({"pid": os.getpid(), "password": os.environ["SOAK_PASSWORD"], "all": os.environ["SOAK_ALL"]}) + "\\n")
+signal.pause()
+"""
 
 
 class Closed(Exception):
@@ -126,6 +151,181 @@ class Stats:
     latencies: array.array = field(default_factory=lambda: array.array("f"))
 
 
+@dataclass
+class FileStats:
+    reads: int = 0
+    partial: int = 0
+    bad_mode: int = 0
+    missing: int = 0
+    late: int = 0
+    late_in_windows: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+class FilesAndExec:
+    """`--files N` and `--exec`: [[Files]] tables and an [Exec] child, and the checks on them."""
+
+    def __init__(self, soak: Soak, count: int, supervise: bool) -> None:
+        self.soak = soak
+        self.folder = tempfile.mkdtemp(prefix="kmsagent-soak-")
+        os.chmod(self.folder, 0o755)
+        self.supervise = supervise
+        self.child_log = os.path.join(self.folder, ".child-starts")
+        #: Per table: (secret, path, kind); kind 0 whole value, 1 JsonKey "v", 2 Template.
+        self.tables = [(f"soak/f{i:03d}", os.path.join(self.folder, f"f{i:03d}"), i % 3) for i in range(count)]
+        #: path -> content -> version position; filled before KMS holds the version.
+        self.contents: dict[str, dict[bytes, int]] = {path: {} for _, path, _ in self.tables}
+        self.latest: dict[str, bytes] = {}
+        #: secret -> when each version became current (trio's clock).
+        self.put_at: dict[str, list[float]] = {}
+        self.env_values: list[str] = []
+        self.rotations = 0
+        self.last_rotation = 0.0
+        self.stats = FileStats()
+        self.done = threading.Event()
+        self.offset = 0.0  # trio.current_time() - time.perf_counter(): the reader thread's clock
+
+    def configs(self) -> tuple[tuple[FileConfig, ...], ExecConfig]:
+        files = []
+        for i, (name, path, kind) in enumerate(self.tables):
+            extra: dict = {"json_key": "v"} if kind == 1 else {"template": "v=${v} pad=${pad}"} if kind == 2 else {}
+            on_change = ("true",) if i % 10 == 0 else ()
+            files.append(FileConfig(name, path, mode=FILE_MODE, on_change=on_change, **extra))
+        exec_config = ExecConfig()
+        if self.supervise:
+            script = os.path.join(self.folder, ".child.py")
+            with open(script, "w") as file:
+                file.write(CHILD)
+            exec_config = ExecConfig(
+                command=(sys.executable, script, self.child_log),
+                env=(("SOAK_PASSWORD", f"{ENV_SECRET}#password"), ("SOAK_ALL", ENV_SECRET)),
+                stop_timeout_seconds=5,
+            )
+        return tuple(files), exec_config
+
+    def put_all(self) -> None:
+        for name, _, _ in self.tables:
+            self._put_file(name)
+        if self.supervise:
+            self._put_env()
+
+    def _put_file(self, name: str) -> None:
+        versions = self.put_at.setdefault(name, [])
+        token = f"{name}|v{len(versions)}|{random.getrandbits(48):012x}"
+        pad = "x" * random.randrange(0, 12_000)
+        data = json.dumps({"v": token, "pad": pad})
+        for secret, path, kind in self.tables:
+            if secret == name:
+                content = (data if kind == 0 else token if kind == 1 else f"v={token} pad={pad}").encode()
+                self.contents[path][content] = len(versions)
+                self.latest[path] = content
+        if versions:
+            self.soak.kms.rotate(name, data)
+        else:
+            self.soak.kms.put_secret(name, data)
+        versions.append(trio.current_time())
+
+    def _put_env(self) -> None:
+        password = f"env-password-{len(self.env_values)}-{random.getrandbits(48):012x}"
+        data = json.dumps({"password": password})
+        if self.env_values:
+            self.soak.kms.rotate(ENV_SECRET, data)
+        else:
+            self.soak.kms.put_secret(ENV_SECRET, data)
+        self.env_values.append(password)
+
+    async def rotate_on_schedule(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            for name, _, _ in self.tables:
+                self._put_file(name)
+            if self.supervise:
+                self._put_env()
+            self.rotations += 1
+            self.last_rotation = trio.current_time()
+
+    def reader(self) -> None:
+        """A thread: reads every file in turn, checks each read, until `done`."""
+        stats, tables = self.stats, [(name, path) for name, path, _ in self.tables]
+        while not self.done.is_set():
+            for name, path in tables:
+                started = time.perf_counter() + self.offset
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    stats.missing += 1
+                    continue
+                try:
+                    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+                    chunks = []
+                    while chunk := os.read(fd, 65536):
+                        chunks.append(chunk)
+                finally:
+                    os.close(fd)
+                ended = time.perf_counter() + self.offset
+                stats.reads += 1
+                if mode != FILE_MODE:
+                    stats.bad_mode += 1
+                    self._example(f"{path}: mode {mode:04o}")
+                position = self.contents[path].get(b"".join(chunks))
+                if position is None:
+                    stats.partial += 1
+                    self._example(f"{path}: {len(b''.join(chunks))} bytes that are no version")
+                    continue
+                versions = self.put_at[name]
+                if position + 1 < len(versions) and versions[position + 1] < started - TTL - MARGIN:
+                    if self.soak._window_of(versions[position + 1], ended) is not None:
+                        stats.late_in_windows += 1
+                    else:
+                        stats.late += 1
+                        self._example(f"{path}: v{position}, superseded {started - versions[position + 1]:.1f}s before the read")
+            time.sleep(0.05)
+
+    def _example(self, text: str) -> None:
+        if len(self.stats.examples) < 10:
+            self.stats.examples.append(text)
+
+    def final_checks(self) -> dict:
+        """After the settling time: files at their last value, child starts, zombies."""
+        at_last = sum(1 for _, path, _ in self.tables if _read(path) == self.latest[path])
+        starts = []
+        if self.supervise and os.path.exists(self.child_log):
+            with open(self.child_log) as log:
+                starts = [json.loads(line) for line in log]
+        return {
+            "at_last": at_last,
+            "starts": starts,
+            "child_current": bool(starts) and starts[-1]["password"] == self.env_values[-1],
+            "child_values_known": all(start["password"] in self.env_values for start in starts),
+        }
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def zombie_children() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as file:
+                    fields = file.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                found.append(int(entry))
+    return found
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -145,6 +345,8 @@ class Soak:
         #: every back-off, and one more attempt's worth for the queue of MaxConcurrentRequests.
         self.grace = (MAX_RETRIES + 2) * attempt + backoff + 1.0
         self.credentials = None
+        self.extra = FilesAndExec(self, args.files, args.exec) if args.files or args.exec else None
+        self.faults = args.faults if args.faults is not None else self.extra is None
 
     # --- secrets ---------------------------------------------------------------------------
 
@@ -342,6 +544,8 @@ class Soak:
         for i in range(self.args.secrets):
             self._put(f"soak/s{i:04d}")
         self.names = list(self.history)
+        if self.extra is not None:
+            self.extra.put_all()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.kms.serve)
             if self.metadata is not None:
@@ -364,6 +568,9 @@ class Soak:
                 ),
                 credentials=CredentialsConfig(type="ecs_ram_role" if self.metadata else "access_key"),
             )
+            if self.extra is not None:
+                files, exec_config = self.extra.configs()
+                config = Config(**{**vars(config), "files": files, "exec": exec_config})
             stop = trio.Event()
             port = await nursery.start(
                 partial(
@@ -377,24 +584,62 @@ class Soak:
             )
             start = self.start = trio.current_time()
             end = start + self.duration
+            self.fds_at_start = open_descriptors()
+            extra = self.extra
+            file_reader = None
+            if extra is not None:
+                extra.offset = trio.current_time() - time.perf_counter()
+                file_reader = threading.Thread(target=extra.reader, name="soak-file-reader")
+                file_reader.start()
             async with trio.open_nursery() as background:
                 background.start_soon(self.rotate_on_schedule, self.args.rotate_every)
                 background.start_soon(self.create_on_schedule, 3.0)
-                background.start_soon(self.faults_on_schedule, start, end)
+                if self.faults:
+                    background.start_soon(self.faults_on_schedule, start, end)
+                if extra is not None:
+                    background.start_soon(extra.rotate_on_schedule, self.args.file_rotate_every)
                 background.start_soon(self.progress, max(10.0, self.duration / 10))
                 async with trio.open_nursery() as readers:
                     for _ in range(self.args.clients):
                         readers.start_soon(self.reader, port, end)
                 background.cancel_scope.cancel()
             self.kms.clear_faults()
+            self.elapsed = trio.current_time() - start
+            self.extra_results = None
+            if extra is not None:
+                # Rotations have stopped: one TTL (and the restart's coalescing) to settle.
+                settle = max(extra.last_rotation, self.windows[-1].end + self.grace if self.windows else 0.0)
+                await trio.sleep_until(settle + TTL + MARGIN + 3)
+                extra.done.set()
+                await trio.to_thread.run_sync(file_reader.join)
+                self.extra_results = extra.final_checks()
+                self.extra_results["metrics"] = await self.metrics(port)
             open_at_end = None
             with trio.move_on_after(5):
                 while (open_at_end := await self.connections_open(port)) != 1:
                     await trio.sleep(0.1)
-            self.elapsed = trio.current_time() - start
+            self.zombies = zombie_children()
+            self.fds_at_end = open_descriptors()
             stop.set()
             nursery.cancel_scope.cancel()  # the emulators serve until cancelled
+        if self.extra is not None:
+            shutil.rmtree(self.extra.folder, ignore_errors=True)
         return self.summary(open_at_end)
+
+    async def metrics(self, port: int) -> dict[str, float]:
+        """The agent's [[Files]] and [Exec] counters from /metrics."""
+        client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+        try:
+            _, _, body = await client.get("/metrics")
+        finally:
+            await trio.aclose_forcefully(client.stream)
+        wanted = ("kmsagent_file_writes_total", "kmsagent_file_onchange_runs_total", "kmsagent_exec_restarts_total")
+        return {
+            name: float(value)
+            for line in body.decode().splitlines()
+            if line.startswith(wanted)
+            for name, value in [line.rsplit(" ", 1)]
+        }
 
     def outside_seconds(self) -> float:
         """Seconds of the run not covered by any window plus its grace."""
@@ -452,6 +697,42 @@ class Soak:
             for w in self.windows
         ]
         lines += [f"  ! {example}" for example in s.wrong_examples + s.transport_examples]
+        pool_slack = 2 * KmsConfig().max_concurrent_requests + 4  # both ends of the KMS pool, in-process
+        growth = self.fds_at_end - self.fds_at_start
+        failed = failed or bool(self.zombies) or growth > pool_slack
+        if self.extra is not None and self.extra_results is not None:
+            extra, results, f = self.extra, self.extra_results, self.extra.stats
+            metrics = results["metrics"]
+            written, unchanged, write_failed = (
+                metrics.get(f'kmsagent_file_writes_total{{outcome="{outcome}"}}', 0.0) for outcome in ("written", "unchanged", "failed")
+            )
+            runs_ok = metrics.get('kmsagent_file_onchange_runs_total{outcome="success"}', 0.0)
+            runs_not = sum(v for k, v in metrics.items() if k.startswith("kmsagent_file_onchange_runs_total") and "success" not in k)
+            files_ok = f.partial == 0 and f.bad_mode == 0 and f.late == 0 and results["at_last"] == len(extra.tables)
+            lines += [
+                f"files                {len(extra.tables)} (Mode {FILE_MODE:04o}, rotated every {self.args.file_rotate_every:.0f}s: "
+                f"{extra.rotations} rotations), reads {f.reads}",
+                f"  partial reads      {f.partial}",
+                f"  wrong mode         {f.bad_mode}",
+                f"  older than TTL     {f.late} (in fault windows: {f.late_in_windows}); missing {f.missing}",
+                f"  at last value      {results['at_last']}/{len(extra.tables)} after {TTL + MARGIN + 3:.0f}s to settle",
+                f"  writes             {written:.0f} written, {unchanged:.0f} unchanged, {write_failed:.0f} failed; "
+                f"OnChange {runs_ok:.0f} ok, {runs_not:.0f} not",
+            ]
+            failed = failed or not files_ok if extra.tables else failed
+            if extra.supervise:
+                starts = results["starts"]
+                rotations = len(extra.env_values) - 1
+                exec_ok = len(starts) - 1 == rotations and results["child_current"] and results["child_values_known"]
+                lines.append(
+                    f"exec                 Env rotations {rotations}, child starts {len(starts)} "
+                    f"(restarts {len(starts) - 1}, metric {metrics.get('kmsagent_exec_restarts_total', 0):.0f}), "
+                    f"last start has the last value: {'yes' if results['child_current'] else 'NO'}"
+                )
+                failed = failed or not exec_ok
+            lines += [f"  ! {example}" for example in f.examples]
+        lines.append(f"zombies              {len(self.zombies)}")
+        lines.append(f"open descriptors     start {self.fds_at_start}, end {self.fds_at_end} (growth {growth}; KMS pools allow {pool_slack})")
         lines.append(f"RESULT               {'FAIL' if failed else 'PASS'}")
         print("\n".join(lines), flush=True)
         return 1 if failed else 0
@@ -463,6 +744,7 @@ def by_status(counts: Counter[int], server_errors: bool) -> str:
 
 
 def main() -> int:
+    global TTL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--seconds", type=float, help="overrides --minutes (quick runs)")
@@ -471,8 +753,16 @@ def main() -> int:
     parser.add_argument("--pause-ms", type=float, default=50, help="mean pause between a client's requests")
     parser.add_argument("--rotate-every", type=float, default=0.25, help="mean seconds between rotations")
     parser.add_argument("--no-metadata", dest="metadata", action="store_false", help="static keys, no renewals")
+    parser.add_argument("--ttl", type=int, default=30, help="TtlSeconds (default %(default)s)")
+    parser.add_argument("--files", type=int, default=0, metavar="N", help="also render N secrets to files and check every read")
+    parser.add_argument("--exec", action="store_true", help="also supervise a child with Env secrets and count its restarts")
+    parser.add_argument("--file-rotate-every", type=float, default=30.0, help="seconds between rotations of the file and Env secrets")
+    parser.add_argument(
+        "--faults", action=argparse.BooleanOptionalAction, default=None, help="KMS fault windows (default: on, off with --files/--exec)"
+    )
     parser.add_argument("--log", default=f"/tmp/soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
     args = parser.parse_args()
+    TTL = args.ttl
     logger.remove()
     logger.add(args.log, level="INFO", backtrace=False, diagnose=False)
     logging.basicConfig(filename=args.log, level=logging.WARNING, force=True)

@@ -15,6 +15,7 @@ from kmsagent.config import (
     Config,
     ConfigError,
     CredentialsConfig,
+    ExecConfig,
     KmsConfig,
     LogConfig,
     ServerConfig,
@@ -24,7 +25,7 @@ from kmsagent.config import (
 )
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "kmsagent.toml"
-SECTIONS = ["Server", "Cache", "KMS", "Credentials", "Log"]
+SECTIONS = ["Server", "Cache", "KMS", "Credentials", "Log", "Exec"]
 
 
 def parse_one(section: str, key: str, value: Any) -> Config:
@@ -134,7 +135,7 @@ def test_dump_writes_every_field_in_spec_order() -> None:
     text = dump_config(Config())
     assert re.findall(r"^\[(\w+)\]$", text, re.MULTILINE) == SECTIONS
     document = tomllib.loads(text)
-    classes = [ServerConfig, CacheConfig, KmsConfig, CredentialsConfig, LogConfig]
+    classes = [ServerConfig, CacheConfig, KmsConfig, CredentialsConfig, LogConfig, ExecConfig]
     for name, cls in zip(SECTIONS, classes, strict=True):
         assert len(document[name]) == len(dataclasses.fields(cls)), name
     assert list(document["Server"])[:3] == ["HttpPort", "MaxConn", "SSRFHeaders"]
@@ -427,7 +428,7 @@ def test_wrong_type(case: tuple[str, str, Any]) -> None:
 @pytest.mark.parametrize("name", ["Nope", "server", "HttpPort"])
 def test_unknown_section(name: str) -> None:
     message = error_for({name: {}})
-    assert message == f"[{name}]: unknown section (allowed: Server, Cache, KMS, Credentials, Log)"
+    assert message == f"[{name}]: unknown section (allowed: Server, Cache, KMS, Credentials, Log, Exec, [Files])"
 
 
 def test_section_must_be_a_table() -> None:

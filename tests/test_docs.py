@@ -54,7 +54,7 @@ def test_every_config_key_is_in_conf_kmsagent_toml_at_its_default() -> None:
 
 def test_the_docs_name_the_default_of_every_key() -> None:
     """Each key's row carries its default as TOML (the value conf/kmsagent.toml would hold)."""
-    from kmsagent.config import _SECTIONS, _toml_value
+    from kmsagent.config import _SECTIONS
 
     defaults = Config()
     rows = {
@@ -68,7 +68,7 @@ def test_the_docs_name_the_default_of_every_key() -> None:
             continue  # the docs say SPEC §2's "info"; the parser's "debug" is being changed elsewhere
         value = getattr(getattr(defaults, _SECTIONS[row.section][0]), row.field_name)
         cells = rows[(row.section, row.key)].split("|")
-        assert cells[2].strip() == f"`{_toml_value(value)}`", (row.section, row.key)
+        assert cells[2].strip() == f"`{row.toml(value)}`", (row.section, row.key)
 
 
 async def test_every_exposed_metric_is_documented_with_its_type_and_labels(start_agent: StartAgent) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -16,15 +17,18 @@ from kmsagent.app import AgentApp
 from kmsagent.cache import SecretCache
 from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
+from kmsagent.files import FileSet
 from kmsagent.formats import response_format
 from kmsagent.kms import KmsClient
 from kmsagent.log_sinks import dropped_lines
 from kmsagent.metrics import Metrics
 from kmsagent.notify import READY, SILENT, STOPPING, Notifier
+from kmsagent.processes import child_environment
 from kmsagent.refresher import Refresher
 from kmsagent.reload import reload_on_sighup
 from kmsagent.server import HttpServer
 from kmsagent.store import CachedSecret, SecretStore
+from kmsagent.supervisor import Supervisor, first
 from kmsagent.token import TokenSource
 
 #: How long start-up waits for `Prefetch` before opening the port anyway.
@@ -41,6 +45,7 @@ async def run_agent(
     config_path: str | Path | None = None,
     notifier: Notifier = SILENT,
     overrides: Callable[[Config], Config] | None = None,
+    on_exit_status: Callable[[int], None] = lambda status: None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until `shutdown()` returns, then drains requests and cancels background work.
@@ -50,6 +55,8 @@ async def run_agent(
     `clock` is the wall clock that signs requests (tests pass a virtual one). With `config_path`,
     SIGHUP reloads that file, changed by `overrides` (the command line's `--port`) as at start.
     `notifier` tells a service manager (systemd) of each state (SPEC §11).
+    With an `[Exec]` child, the agent also stops when the child ends,
+    and `on_exit_status` receives the child's status (the agent's exit status, SPEC §9).
     """
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
     metrics = Metrics()
@@ -101,15 +108,41 @@ async def run_agent(
         if config_path is not None:
             reloads = partial(reload_on_sighup, overrides=overrides, notifier=notifier)
             nursery.start_soon(reloads, config_path, config, apply)
-        await store.prefetch(config.cache.prefetch, wait=PREFETCH_WAIT)
+        child_env = child_environment(os.environ, config.server.ssrf_env_variables)
+        files = FileSet.build(
+            config.files,
+            store,
+            env=child_env,
+            observe_write=metrics.observe_file_write,
+            observe_run=metrics.observe_on_change,
+        )
+        supervisor = Supervisor(config.exec, store, environment=child_env) if config.exec.command else None
+        metrics.watch("kmsagent_exec_restarts", "[Exec] child restarts after Env changed.", lambda: supervisor.restarts if supervisor else 0, counter=True)
+        metrics.watch("kmsagent_exec_child_running", "1 while the [Exec] child runs.", lambda: int(bool(supervisor and supervisor.running)))
+        listening = trio.Event()
+        stop_serving = shutdown
+        if supervisor is not None:
+            nursery.start_soon(supervisor.run, shutdown, listening)
+            stop_serving = partial(first, shutdown, supervisor.finished.wait)
+        async with trio.open_nursery() as startup:  # both within the same 15 s (SPEC §8)
+            startup.start_soon(partial(store.prefetch, config.cache.prefetch, wait=PREFETCH_WAIT))
+            if files.files:
+                startup.start_soon(nursery.start, partial(files.run, wait=PREFETCH_WAIT))
 
-        async def shutdown_then_notify() -> None:
-            await shutdown()
+        async def stop_then_notify() -> None:
+            await stop_serving()
             notifier.send(STOPPING)
 
-        port = await start_service(nursery, partial(server.run, shutdown_then_notify))
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            await server.run(stop_then_notify, task_status=task_status)
+            if supervisor is not None:  # the child is stopped (or ended) before the rest is cancelled
+                await supervisor.finished.wait()
+                on_exit_status(supervisor.exit_status)
+
+        port = await start_service(nursery, serve)
         notifier.send(READY)
         task_status.started(port)
+        listening.set()
 
 
 async def start_service(nursery: trio.Nursery, service: Callable[..., Awaitable[None]]) -> Any:
@@ -124,3 +157,25 @@ async def start_service(nursery: trio.Nursery, service: Callable[..., Awaitable[
         nursery.cancel_scope.cancel()
 
     return await nursery.start(run)
+
+
+async def write_files_once(
+    config: Config, *, credentials: CredentialSource, clock: Callable[[], float] = time.time
+) -> list[str]:
+    """`--once` (SPEC §1): writes every `[[Files]]` table once, trying for at most the Prefetch
+    wait, and returns one line per file not written. No port is opened."""
+    formatter = response_format(config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds)
+    async with KmsClient.open(config.kms, credentials, clock=clock) as kms, trio.open_nursery() as nursery:
+        cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
+            max_entries=config.cache.cache_size,
+            ttl=config.cache.ttl_seconds,
+            loads=nursery,
+            is_transient=errors.is_transient,
+            serve_stale=False,
+        )
+        store = SecretStore(cache, kms, formatter, clock=clock)
+        nursery.start_soon(credentials.run)
+        env = child_environment(os.environ, config.server.ssrf_env_variables)
+        failures = await FileSet.build(config.files, store, env=env).write_once(wait=PREFETCH_WAIT)
+        nursery.cancel_scope.cancel()
+    return failures

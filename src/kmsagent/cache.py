@@ -173,6 +173,13 @@ class SecretCache(Generic[K, V]):
         #: Called once with every value a load produced, when the cache lets go of it.
         self.released: Callable[[V], None] = lambda value: None
         self.evictions = 0
+        #: Keys that feed files or a child's environment (SPEC §5): never evicted by LRU, and
+        #: refreshed ahead whether or not anyone reads them (the refresh policy asks).
+        self.pinned: set[K] = set()
+
+    def pin(self, key: K) -> None:
+        """Keeps `key` always hot. When pinned keys fill the cache, other values are served but not kept."""
+        self.pinned.add(key)
 
     def configure(self, *, ttl: float, serve_stale: bool, max_stale: float | None) -> None:
         """New rules (a config reload); a shorter TTL applies to the values already cached."""
@@ -329,9 +336,13 @@ class SecretCache(Generic[K, V]):
         if replaced is not None:
             self.released(replaced.value)  # after the new value is in: an unchanged secret stays guarded
         while len(self._entries) > self._max_entries:
+            # The oldest unpinned entry; the new one itself when pinned entries fill the cache.
+            victim = next((old for old in self._entries if old not in self.pinned), None)
+            if victim is None:
+                break
             self.evictions += 1
-            self._forget(*self._entries.popitem(last=False))
-        if self.policy is not None:
+            self._forget(victim, self._entries.pop(victim))
+        if self.policy is not None and key in self._entries:
             self.policy.loaded(key, entry)
 
     def _forget(self, key: K, entry: Entry[V]) -> None:

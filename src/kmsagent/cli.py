@@ -22,11 +22,20 @@ import trio
 from loguru import logger
 
 from kmsagent import __version__, signals
-from kmsagent.agent import run_agent
-from kmsagent.config import Config, ConfigError, ServerConfig, check_log_folder, dump_config, load_config
+from kmsagent.agent import run_agent, write_files_once
+from kmsagent.config import (
+    Config,
+    ConfigError,
+    ServerConfig,
+    check_log_folder,
+    dump_config,
+    load_config,
+    with_command,
+)
 from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.notify import Notifier
+from kmsagent.processes import make_non_dumpable
 from kmsagent.server import ServeError, listen_urls
 from kmsagent.token import TokenError, TokenSource
 
@@ -87,10 +96,20 @@ def _port(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text[:32]!r}: must be 0 or an integer in 1024..65535, as [Server] HttpPort")
 
 
+def _split_command(args: list[str]) -> tuple[list[str], list[str] | None]:
+    """`kmsagent [OPTIONS] -- CMD ARGS`: the agent's options, and the program to supervise (§9)."""
+    if "--" not in args:
+        return args, None
+    at = args.index("--")
+    return args[:at], args[at + 1 :]
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(
         prog="kmsagent",
-        description="Local secret-caching agent for Alibaba Cloud KMS.",
+        usage="%(prog)s [OPTIONS] [-- CMD [ARGS...]]",
+        description="Local secret-caching agent for Alibaba Cloud KMS. "
+        "With -- CMD ARGS, it also runs CMD as a supervised child with [Exec] Env secrets in its environment.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -100,6 +119,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--port", metavar="N", type=_port, help="listen on port N, over [Server] HttpPort (--dev too); 0: any free port"
     )
+    parser.add_argument("--once", action="store_true", help="write every [[Files]] table once and exit (0, or 1 naming each file not written)")
     parser.add_argument("--version", action="version", version=f"kmsagent {__version__}")
     return parser.parse_args(argv)
 
@@ -110,11 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kmsagent.client import main as get
 
         return get(arguments[1:])
-    args = _parse_args(arguments)
+    options, command = _split_command(arguments)
+    args = _parse_args(options)
+    if command is not None and not command:
+        return _fail(EXIT_USAGE, "-- must be followed by a command (see --help)")
+    if args.once and (command or args.dev):
+        return _fail(EXIT_USAGE, f"--once runs no {'program' if command else '--dev emulator'} (see --help)")
     config_path = args.config or os.environ.get("KMSAGENT_CONFIG") or None
-    overrides = partial(_command_line, port=args.port)
+    overrides = partial(_command_line, port=args.port, command=command)
     try:
         config = overrides(load_config(config_path))
+        if args.once and not config.files:
+            raise ConfigError("--once: the config has no [[Files]] tables to write")
     except ConfigError as error:
         return _fail(EXIT_USAGE, f"config error: {error}")
     if args.check_config:
@@ -128,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(config), end="")
         return EXIT_OK
     scrub_environment(os.environ)
+    make_non_dumpable()  # SPEC §9: no core dump, /proc or ptrace reader of the agent's secrets
     try:
+        if args.once:
+            return _run_once(config)
         if args.dev:
             return _run_dev(config, config_path)
         return _run(config, config_path, overrides)
@@ -140,8 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_logging()
 
 
-def _command_line(config: Config, *, port: int | None) -> Config:
-    """`config` as the command line changes it; SIGHUP's reloads are changed the same way."""
+def _command_line(config: Config, *, port: int | None, command: Sequence[str] | None) -> Config:
+    """`config` as the command line changes it (`--port`, `-- CMD`); SIGHUP's reloads are changed
+    the same way, so they do not report those keys as changed."""
+    config = with_command(config, command)
     if port is None:
         return config
     return replace(config, server=replace(config.server, http_port=port))
@@ -158,6 +190,8 @@ def _run(config: Config, config_path: str | None, overrides: Callable[[Config], 
     token = TokenSource.from_environment(config.server.ssrf_env_variables, os.environ)
     notifier = Notifier.from_environment(os.environ)  # systemd's NOTIFY_SOCKET (SPEC §11)
 
+    child_status: list[int] = []
+
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         # In trio: `auto` probes the metadata service, and files are read off this thread.
         credentials = await credential_source(config.credentials, os.environ, region=config.kms.region)
@@ -170,10 +204,41 @@ def _run(config: Config, config_path: str | None, overrides: Callable[[Config], 
             config_path=config_path,
             notifier=notifier,
             overrides=overrides,
+            on_exit_status=child_status.append,
         )
         await _announce(await nursery.start(agent), config.server)
 
-    return _run_until_signal(start, reloads=config_path is not None)
+    status = _run_until_signal(start, reloads=config_path is not None, stop_seconds=_stop_seconds(config))
+    return child_status[-1] if child_status else status
+
+
+def _stop_seconds(config: Config) -> float:
+    """SPEC §1: a stop takes at most 5 s, or StopTimeoutSeconds + 2 s with a supervised child."""
+    if config.exec.command:
+        return config.exec.stop_timeout_seconds + 2 - (5 - STOP_DEADLINE)
+    return STOP_DEADLINE
+
+
+def _run_once(config: Config) -> int:
+    """`--once`: every [[Files]] table written, or exit 1 with one line per file that was not."""
+    configure_logging(config.log)
+
+    async def write_once() -> list[str]:
+        credentials = await credential_source(config.credentials, os.environ, region=config.kms.region)
+        return await write_files_once(config, credentials=credentials)
+
+    try:
+        failures = trio.run(write_once)
+    except KeyboardInterrupt:
+        return _fail(EXIT_FAILURE, "--once: interrupted")
+    except BaseExceptionGroup as group:
+        fatal = group.subgroup(FATAL_ERRORS)
+        if fatal is None:
+            raise
+        raise _first_leaf(fatal) from None
+    for line in failures:
+        _fail(EXIT_FAILURE, line)
+    return EXIT_FAILURE if failures else EXIT_OK
 
 
 def _run_dev(config: Config, config_path: str | None) -> int:
@@ -214,24 +279,35 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]], *, reloads: bool) -> int:
+def _run_until_signal(
+    start: Callable[[trio.Nursery, Shutdown], Awaitable[None]], *, reloads: bool, stop_seconds: float = STOP_DEADLINE
+) -> int:
     """Runs what `start` starts until SIGTERM or SIGINT asks for a graceful stop.
 
     The signal watcher runs before start-up begins: a stop signal during start-up (a Prefetch
     against a hanging KMS, say) cancels it, so no port opens and no "listening" line follows the
-    signal. After start-up a first signal stops gracefully, and a second one, or STOP_DEADLINE,
-    cancels everything. `reloads`: SIGHUP belongs to reload.py; else it is logged and ignored.
+    signal. After start-up a first signal stops gracefully, and a second one, or `stop_seconds`
+    (STOP_DEADLINE; longer with a supervised child), cancels everything. `reloads`: SIGHUP belongs to reload.py; else it is logged and ignored.
     """
     signals.defer_stops()  # the watcher takes from here (a no-op unless __main__ held signals)
+    signals.set_guard_seconds(stop_seconds + signals.GUARD_SECONDS - STOP_DEADLINE)
     started = False
 
     async def main() -> None:
         nonlocal started
         stop = trio.Event()
+        received: list[int] = []
+
+        async def shutdown() -> int | None:
+            """Returns once asked to stop, with the signal that asked (an [Exec] child gets it too)."""
+            await stop.wait()
+            return received[0] if received else None
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(_watch_signals, stop, nursery.cancel_scope, lambda: started, reloads)
+            watch = partial(_watch_signals, note=received.append, stop_seconds=stop_seconds)
+            await nursery.start(watch, stop, nursery.cancel_scope, lambda: started, reloads)
             async with trio.open_nursery() as service:
-                await start(service, stop.wait)
+                await start(service, shutdown)
                 started = True
             nursery.cancel_scope.cancel()  # the service ended: stop watching for signals
 
@@ -254,6 +330,8 @@ async def _watch_signals(
     started: Callable[[], bool],
     reloads: bool,
     *,
+    note: Callable[[int], None] = lambda signum: None,
+    stop_seconds: float = STOP_DEADLINE,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     watched = signals.STOP_SIGNALS if reloads else (*signals.STOP_SIGNALS, signal.SIGHUP)
@@ -278,9 +356,10 @@ async def _watch_signals(
                 everything.cancel()
                 return
             logger.info("{}: stopping", name)
+            note(signum)  # an [Exec] child is sent the same signal
             stop.set()
             break
-        with trio.move_on_after(STOP_DEADLINE) as deadline:
+        with trio.move_on_after(stop_seconds) as deadline:
             async for signum in receiver:
                 if signum == signal.SIGHUP:
                     _ignore_sighup()
@@ -288,7 +367,7 @@ async def _watch_signals(
                 logger.warning("second signal: stopping now")
                 break
         if deadline.cancelled_caught:
-            logger.warning("still stopping {:.0f} s after the signal: cancelling what is left", STOP_DEADLINE)
+            logger.warning("still stopping {:.0f} s after the signal: cancelling what is left", stop_seconds)
         everything.cancel()
 
 

@@ -6,14 +6,19 @@ range raise `ConfigError`, whose message is the one stderr line the CLI prints b
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import json
 import os
+import pwd
 import re
+import shutil
+import signal
+import stat
 import tempfile
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 from urllib.parse import urlsplit
@@ -95,6 +100,41 @@ class LogConfig:
     format: str = "json"
 
 
+# --- [Exec] and [[Files]] (SPEC §8, §9) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    command: tuple[str, ...] = ()
+    #: (NAME, "secretId" or "secretId#jsonKey") pairs, in file order (a tuple keeps Config hashable).
+    env: tuple[tuple[str, str], ...] = ()
+    on_change: str = "restart"
+    stop_timeout_seconds: int = 10
+    stop_signal: str = "SIGTERM"
+
+    @property
+    def env_secrets(self) -> tuple[str, ...]:
+        """The distinct secret ids that Env names, in order."""
+        return tuple(dict.fromkeys(reference.partition("#")[0] for _, reference in self.env))
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    """One `[[Files]]` table; `uid`/`gid` are Owner/Group resolved when the config was loaded."""
+
+    secret_id: str
+    path: str
+    version_stage: str = "ACSCurrent"
+    json_key: str = ""
+    template: str = ""
+    mode: int = 0o600
+    owner: str = ""
+    group: str = ""
+    on_change: tuple[str, ...] = ()
+    uid: int | None = None
+    gid: int | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -102,6 +142,8 @@ class Config:
     kms: KmsConfig = field(default_factory=KmsConfig)
     credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    exec: ExecConfig = field(default_factory=ExecConfig)
+    files: tuple[FileConfig, ...] = ()
 
 
 # --- Messages and TOML output ---------------------------------------------------------------------
@@ -122,9 +164,24 @@ def _show(value: object) -> str:
     return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
 
 
+def _show_path(path: object) -> str:
+    """A path in full (it is what the reader needs to find), unless it is absurdly long."""
+    text = repr(path)
+    return text if len(text) <= 4 * _SHOW_LIMIT else _show(path)
+
+
 def _show_name(name: str) -> str:
     """A section or key name as typed; quoted TOML keys may hold anything, so those are repr'd."""
     return name if _BARE_KEY.fullmatch(name) else _show(name)
+
+
+def _toml_key(name: str) -> str:
+    return name if _BARE_KEY.fullmatch(name) else _toml_string(name)
+
+
+def _toml_table(pairs: tuple[tuple[str, str], ...]) -> str:
+    """An inline table of strings, for (name, text) pairs such as `[Exec] Env`."""
+    return "{" + ", ".join(f"{_toml_key(name)} = {_toml_string(text)}" for name, text in pairs) + "}"
 
 
 def _toml_string(text: str) -> str:
@@ -374,6 +431,8 @@ class _Key(NamedTuple):
     key: str
     field_name: str
     check: _Check
+    #: Its TOML form in `dump_config`.
+    toml: Callable[[Any], str] = _toml_value
 
 
 _SECTIONS: dict[str, tuple[str, type]] = {
@@ -382,6 +441,7 @@ _SECTIONS: dict[str, tuple[str, type]] = {
     "KMS": ("kms", KmsConfig),
     "Credentials": ("credentials", CredentialsConfig),
     "Log": ("log", LogConfig),
+    "Exec": ("exec", ExecConfig),
 }
 
 _ssrf_headers = _list_of(
@@ -452,6 +512,58 @@ _allowed_role_arns = _list_of(
     "must be a list of distinct role ARNs, acs:ram::<account-id>:role/<name>", is_role_arn, non_empty=False, unique_nocase=True
 )
 
+# --- [Exec] keys (SPEC §9) ---------------------------------------------------------------------------
+
+#: Signals a name may choose: the catchable ones a program may use to stop or reload.
+_SIGNALS = tuple(sorted({sig.name for sig in signal.Signals} - {"SIGKILL", "SIGSTOP"}))
+_ENV_REFERENCE = re.compile(r"[^#]{1,1024}(?:#[^#]+)?")
+
+
+def _is_signal_name(name: str) -> bool:
+    return name in _SIGNALS and not name.startswith("SIGRT")
+
+
+def _argv(allowed: str) -> _Check:
+    """A program and its arguments: a list of strings, the first one not empty, no NUL anywhere."""
+
+    def check(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or (value and not (_is_text(value[0]) and value[0])):
+            raise _Invalid(allowed)
+        for item in value:
+            if not _is_text(item) or "\0" in item:
+                raise _Invalid(f"{allowed}; bad item: {_show(item)}")
+        return tuple(value)
+
+    return check
+
+
+def _exec_env(value: Any) -> tuple[tuple[str, str], ...]:
+    allowed = 'must be a table of NAME = "secretId" or "secretId#jsonKey" (NAME: [A-Za-z_][A-Za-z0-9_]*)'
+    if not isinstance(value, dict):
+        raise _Invalid(allowed)
+    for name, reference in value.items():
+        if not (_ENV_NAME.fullmatch(name) and _is_text(reference) and _ENV_REFERENCE.fullmatch(reference)):
+            raise _Invalid(f"{allowed}; bad entry: {_show_name(name)} = {_show(reference)}")
+    return tuple(value.items())
+
+
+def _exec_on_change(value: Any) -> str:
+    if _is_text(value) and (value in ("restart", "none") or _is_signal_name(value)):
+        return value
+    raise _Invalid('must be "restart", "none" or a signal name such as "SIGHUP"')
+
+
+_stop_signal = _text('must be a signal name such as "SIGTERM" (not SIGKILL or SIGSTOP)', _is_signal_name)
+
+_EXEC_KEYS = (
+    _Key("Exec", "Command", "command", _argv("must be a list of strings: the program, then its arguments")),
+    _Key("Exec", "Env", "env", _exec_env, _toml_table),
+    _Key("Exec", "OnChange", "on_change", _exec_on_change),
+    _Key("Exec", "StopTimeoutSeconds", "stop_timeout_seconds", _int_in(1, 3600)),
+    _Key("Exec", "StopSignal", "stop_signal", _stop_signal),
+)
+
+
 _KEYS: tuple[_Key, ...] = (
     _Key("Server", "HttpPort", "http_port", _http_port),
     _Key("Server", "MaxConn", "max_conn", _int_in(1, 1000)),
@@ -496,6 +608,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Log", "MaxFileSizeMB", "max_file_size_mb", _int_in(1, 10_240)),
     _Key("Log", "Backups", "backups", _int_in(0, 100)),
     _Key("Log", "Format", "format", _one_of("json", "text")),
+    *_EXEC_KEYS,
 )
 
 _KEYS_BY_SECTION: dict[str, dict[str, _Key]] = {
@@ -525,6 +638,174 @@ def _check_credentials(credentials: CredentialsConfig) -> None:
         )
 
 
+# --- [[Files]] tables (SPEC §8) --------------------------------------------------------------------
+
+
+def _mode(value: Any) -> int:
+    """Permission bits as an octal string ("0600", "640"); setuid, setgid and sticky are refused."""
+    if _is_text(value) and re.fullmatch(r"[0-7]{3,4}", value) and int(value, 8) <= 0o777:
+        return int(value, 8)
+    raise _Invalid('must be octal permission bits within 0777, as a string such as "0600" or "0640"')
+
+
+def _template(value: Any) -> str:
+    """Checked here so that a typo fails at start-up, not at the first rotation."""
+    from kmsagent.template import TemplateError, parse_template
+
+    if not _is_text(value):
+        raise _Invalid("must be a string")
+    try:
+        parse_template(value)
+    except TemplateError as error:
+        raise _Invalid(str(error)) from None
+    return value
+
+
+def _account(kind: str, lookup: Callable[[str], int], by_id: Callable[[int], object]) -> _Check:
+    """A user or group name or a numeric id that exists; only root may hand files to others."""
+
+    def check(value: Any) -> str:
+        if not _is_text(value):
+            raise _Invalid(f"must be a {kind} name or id")
+        if value and os.geteuid() != 0:
+            raise _Invalid(f"is allowed only when the agent runs as root (its uid is {os.geteuid()})")
+        if value:
+            try:
+                _ = by_id(int(value)) if value.isdigit() else lookup(value)
+            except (KeyError, ValueError, OverflowError):
+                raise _Invalid(f"must be an existing {kind} name or id") from None
+        return value
+
+    return check
+
+
+def _uid(owner: str) -> int | None:
+    return None if not owner else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+
+
+def _gid(group: str) -> int | None:
+    return None if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+
+
+_FILE_KEYS: dict[str, tuple[str, _Check]] = {
+    "SecretId": ("secret_id", _text("must be a secret name, 1..1024 UTF-8 bytes", lambda t: 0 < len(t.encode()) <= 1024)),
+    "Path": ("path", _text("must be an absolute path", lambda t: os.path.isabs(t) and "\0" not in t)),
+    "VersionStage": ("version_stage", _text("must be a non-empty version stage", lambda t: 0 < len(t) <= 64)),
+    "JsonKey": ("json_key", _text("must be a string")),
+    "Template": ("template", _template),
+    "Mode": ("mode", _mode),
+    "Owner": ("owner", _account("user", lambda name: pwd.getpwnam(name).pw_uid, pwd.getpwuid)),
+    "Group": ("group", _account("group", lambda name: grp.getgrnam(name).gr_gid, grp.getgrgid)),
+    "OnChange": ("on_change", _argv("must be a list of strings: a program, then its arguments (no shell)")),
+}
+_FILE_REQUIRED = ("SecretId", "Path")
+
+
+def _folder_problem(path: str) -> str | None:
+    """Why the folder of `path` may not hold a secret file, or None.
+
+    The folder must exist, and only root and the agent may write to it: anyone else could swap
+    the file between the agent's rename and the reader's open, or plant a link (SPEC §8). A
+    group may write only when it is root's group.
+    """
+    folder = os.path.dirname(path) or "/"
+    try:
+        info = os.stat(folder)
+    except OSError as error:
+        return f"its folder {folder} cannot be used ({error.strerror or error})"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{folder} is not a folder"
+    if info.st_uid not in (0, os.geteuid()):
+        return f"its folder {folder} must belong to root or the agent's user (it belongs to uid {info.st_uid})"
+    if info.st_mode & stat.S_IWOTH or (info.st_mode & stat.S_IWGRP and info.st_gid != 0):
+        mode = stat.S_IMODE(info.st_mode)
+        return f"its folder {folder} is writable by others (mode {mode:04o}); only root and the agent may write there"
+    if os.path.isdir(path):
+        return "is a folder; it must name a file"
+    return None
+
+
+def _parse_file(number: int, body: Any) -> FileConfig:
+    where = f"[[Files]] #{number}"
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where}: must be a table")
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        entry = _FILE_KEYS.get(key)
+        if entry is None:
+            raise ConfigError(f"{where} {_show_name(key)}: unknown key (allowed: {', '.join(_FILE_KEYS)})")
+        field_name, check = entry
+        try:
+            values[field_name] = check(value)
+        except _Invalid as invalid:
+            shown = _show_path(value) if key == "Path" else _show(value)
+            raise ConfigError(f"{where} {key} = {shown}: {invalid}") from None
+    for key in _FILE_REQUIRED:
+        if key not in body:
+            raise ConfigError(f"{where}: {key} is required")
+    if values.get("json_key") and values.get("template"):
+        raise ConfigError(f"{where} JsonKey = {_show(body['JsonKey'])}: set JsonKey or Template, not both")
+    problem = _folder_problem(values["path"])
+    if problem is not None:
+        raise ConfigError(f"{where} Path = {_show_path(body['Path'])}: {problem}")
+    return FileConfig(**values, uid=_uid(values.get("owner", "")), gid=_gid(values.get("group", "")))
+
+
+def _parse_files(value: Any) -> tuple[FileConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"Files = {_show(value)}: must be [[Files]] tables")
+    files: list[FileConfig] = []
+    seen: dict[str, int] = {}
+    for number, body in enumerate(value, start=1):
+        file = _parse_file(number, body)
+        path = os.path.normpath(file.path)
+        if path in seen:
+            raise ConfigError(f"[[Files]] #{number} Path = {_show_path(file.path)}: the same Path as [[Files]] #{seen[path]}")
+        seen[path] = number
+        files.append(file)
+    return tuple(files)
+
+
+def pinned_secrets(config: Config) -> set[tuple[str, str, str]]:
+    """Cache keys that feed files or the child's environment: always hot, never evicted (SPEC §5)."""
+    keys = {(file.secret_id, "", file.version_stage) for file in config.files}
+    keys |= {(secret_id, "", "ACSCurrent") for secret_id in config.exec.env_secrets}
+    return keys
+
+
+def _check_files_and_exec(config: Config, *, command_known: bool) -> None:
+    """The rules that span sections: caching on, pinned secrets fit the cache, Env has a program."""
+    runs_child = bool(config.exec.command)
+    if config.files or runs_child:
+        if config.cache.ttl_seconds == 0:
+            users = "[[Files]]" if config.files else "[Exec]"
+            raise ConfigError(f"[Cache] TtlSeconds = 0: must be at least 1 with {users} (their secrets stay cached)")
+        pinned = len(pinned_secrets(config))
+        if pinned > config.cache.cache_size:
+            raise ConfigError(
+                f"[Cache] CacheSize = {config.cache.cache_size}: [[Files]] and [Exec] Env keep {pinned} secrets "
+                "always cached; CacheSize must be at least that"
+            )
+    if command_known and config.exec.env and not runs_child:
+        raise ConfigError("[Exec] Env: there is no program to give it to; set [Exec] Command or run kmsagent -- CMD ARGS")
+    if command_known and runs_child:
+        program = config.exec.command[0]
+        if shutil.which(program) is None:
+            raise ConfigError(
+                f"[Exec] Command = {_show(list(config.exec.command))}: {_show(program)} is not an executable file"
+                + ("" if "/" in program else " found in PATH")
+            )
+
+
+def with_command(config: Config, command: Sequence[str] | None) -> Config:
+    """`config` with `kmsagent -- CMD ARGS` in place of `[Exec] Command` (when given), checked as
+    a whole: the rules that need to know whether a child runs are applied here."""
+    if command is not None:
+        config = replace(config, exec=replace(config.exec, command=tuple(command)))
+    _check_files_and_exec(config, command_known=True)
+    return config
+
+
 # --- Public API -----------------------------------------------------------------------------------
 
 
@@ -532,8 +813,11 @@ def parse_config(document: dict[str, Any]) -> Config:
     """Validates a parsed TOML document (sections → keys → values) into a `Config`."""
     sections: dict[str, Any] = {}
     for name, body in document.items():
+        if name == "Files":
+            sections["files"] = _parse_files(body)
+            continue
         if name not in _SECTIONS:
-            allowed = ", ".join(_SECTIONS)
+            allowed = ", ".join([*_SECTIONS, "[Files]"])
             raise ConfigError(f"[{_show_name(name)}]: unknown section (allowed: {allowed})")
         if not isinstance(body, dict):
             raise ConfigError(f"{name} = {_show(body)}: must be a [{name}] table")
@@ -553,6 +837,7 @@ def parse_config(document: dict[str, Any]) -> Config:
     config = Config(**sections)
     _check_protocol(config.kms)
     _check_credentials(config.credentials)
+    _check_files_and_exec(config, command_known=False)
     return config
 
 
@@ -617,6 +902,8 @@ def differences(old: Config, new: Config) -> list[tuple[str, str, Any, Any]]:
         after = getattr(getattr(new, attr), row.field_name)
         if before != after:
             changed.append((row.section, row.key, before, after))
+    if old.files != new.files:
+        changed.append(("Files", "tables", len(old.files), len(new.files)))
     return changed
 
 
@@ -627,6 +914,12 @@ def dump_config(config: Config) -> str:
         section = getattr(config, attr)
         lines = [f"[{name}]"]
         for row in _KEYS_BY_SECTION[name].values():
-            lines.append(f"{row.key} = {_toml_value(getattr(section, row.field_name))}")
+            lines.append(f"{row.key} = {row.toml(getattr(section, row.field_name))}")
+        blocks.append("\n".join(lines) + "\n")
+    for file in config.files:
+        lines = ["[[Files]]"]
+        for key, (field_name, _) in _FILE_KEYS.items():
+            value = getattr(file, field_name)
+            lines.append(f"{key} = {_toml_string(f'{value:04o}') if key == 'Mode' else _toml_value(value)}")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)

@@ -17,6 +17,9 @@ from prometheus_client.registry import Collector
 ROUTES = ("ping", "metrics", "secret", "other")
 KMS_OUTCOMES = ("success", "client_error", "throttled", "server_error", "timeout", "unreachable")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: `[[Files]]` outcomes (files.py): a write attempt, and an OnChange run.
+FILE_WRITE_OUTCOMES = ("written", "unchanged", "failed")
+ON_CHANGE_OUTCOMES = ("success", "failure", "timeout", "error")
 
 
 class Metrics:
@@ -41,6 +44,16 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.file_writes = Counter(
+            "kmsagent_file_writes", "[[Files]] write attempts, by outcome.", ["outcome"], registry=self.registry
+        )
+        self.on_change_runs = Counter(
+            "kmsagent_file_onchange_runs", "[[Files]] OnChange runs, by outcome.", ["outcome"], registry=self.registry
+        )
+        for outcome in FILE_WRITE_OUTCOMES:
+            self.file_writes.labels(outcome)
+        for outcome in ON_CHANGE_OUTCOMES:
+            self.on_change_runs.labels(outcome)
         for outcome in ("hit", "miss", "stale"):
             self.cache_results.labels(outcome)
         for outcome in KMS_OUTCOMES:
@@ -49,6 +62,12 @@ class Metrics:
     def observe_kms(self, outcome: str, seconds: float) -> None:
         self.kms_requests.labels(outcome).inc()
         self.kms_latency.observe(seconds)
+
+    def observe_file_write(self, outcome: str) -> None:
+        self.file_writes.labels(outcome).inc()
+
+    def observe_on_change(self, outcome: str) -> None:
+        self.on_change_runs.labels(outcome).inc()
 
     def watch(self, name: str, documentation: str, read: Callable[[], float | None], *, counter: bool = False) -> None:
         """Exports `read()` at every scrape (skipped while it returns None)."""

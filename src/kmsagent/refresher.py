@@ -86,7 +86,7 @@ class Refresher(Generic[K]):
 
     def failed(self, key: K, entry: Entry[Any]) -> None:
         """A transient failure: a hot entry is tried again after the back-off, while still fresh."""
-        if entry.read and entry.retry_at < entry.expires_at:
+        if (entry.read or key in self._cache.pinned) and entry.retry_at < entry.expires_at:
             self._push(key, entry.retry_at)
 
     def forgotten(self, key: K) -> None:
@@ -108,7 +108,7 @@ class Refresher(Generic[K]):
                     entry = self._cache.peek(key)
                     if entry is None:
                         continue
-                    if not entry.read:
+                    if not entry.read and key not in self._cache.pinned:
                         entry.refresh_due = True
                         continue
                     await self._slots.acquire()

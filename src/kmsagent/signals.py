@@ -67,6 +67,12 @@ def defer_stops() -> None:
     _exit_at_once = False
 
 
+def set_guard_seconds(seconds: float) -> None:
+    """How long the guard waits after the first stop (longer with a supervised child, SPEC §1)."""
+    global GUARD_SECONDS
+    GUARD_SECONDS = seconds
+
+
 def take(*signums: int) -> int:
     """How many of `signums` arrived while held; they are forgotten (counted once)."""
     # dict.pop is one step the handler (which runs between the main thread's steps) cannot split.

@@ -48,23 +48,35 @@ class SecretStore:
         self._kms = kms
         self._format = response_format
         self._clock = clock
+        self._next_load: dict[tuple[str, str, str], trio.Event] = {}
 
     async def get(self, query: SecretQuery, *, keep_loading: bool = False) -> tuple[CachedSecret, Outcome]:
         """The secret for `query`; `keep_loading`: its load goes on even if this read gives up."""
 
         async def load() -> CachedSecret:
-            secret = await self._kms.get_secret_value(
-                query.secret_id, version_id=query.version_id, version_stage=query.version_stage, queued=queued
-            )
-            cached = CachedSecret(secret, self._format.secret(secret))
-            redact.hold_secret(secret.data)  # until `_released`: the cache sees every value once
-            return cached
+            try:
+                secret = await self._kms.get_secret_value(
+                    query.secret_id, version_id=query.version_id, version_stage=query.version_stage, queued=queued
+                )
+                cached = CachedSecret(secret, self._format.secret(secret))
+                redact.hold_secret(secret.data)  # until `_released`: the cache sees every value once
+                return cached
+            finally:
+                loaded = self._next_load.pop(query.cache_key, None)
+                if loaded is not None:
+                    loaded.set()
 
         return await self.cache.get(query.cache_key, load, refresh=query.refresh, keep_loading=keep_loading)
 
     @staticmethod
     def _released(cached: CachedSecret) -> None:
         redact.release_secret(cached.secret.data)
+
+    def next_load(self, key: tuple[str, str, str]) -> trio.Event:
+        """Set when the next load of `key` ends, with a value or an error (a refresh-ahead, a
+        rotation reload, a client's refreshNow, a miss): how files and a child's environment
+        follow their secrets without polling. Waiters run after the cache has stored the result."""
+        return self._next_load.setdefault(key, trio.Event())
 
     async def prefetch(self, names: Sequence[str], *, wait: float) -> None:
         """Loads `names` (their ACSCurrent versions) as hot entries, waiting at most `wait` seconds.
