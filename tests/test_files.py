@@ -128,7 +128,7 @@ async def test_a_pinned_entry_nobody_reads_is_refreshed_ahead_and_never_expires(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     cache: SecretCache[str, str] = SecretCache(max_entries=10, ttl=10, loads=nursery)
-    refresher = Refresher(cache, rate=8)
+    refresher = Refresher(cache, max_in_flight=8)
     nursery.start_soon(refresher.run)
     calls: list[float] = []
     cache.pin("pinned")
@@ -146,7 +146,9 @@ class SlowKms:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def get_secret_value(self, name: str, *, version_id: str, version_stage: str) -> SecretValue:
+    async def get_secret_value(
+        self, name: str, *, version_id: str, version_stage: str, queued: object = None
+    ) -> SecretValue:
         self.calls += 1
         await trio.sleep(1.0)
         return SecretValue(
@@ -162,7 +164,7 @@ async def test_a_followed_secret_is_reloaded_before_expiry_even_when_the_refresh
     so the entry is never expired and every reload reaches the consumer, one KMS call per TTL."""
     cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(max_entries=10, ttl=10, loads=nursery)
     kms = SlowKms()
-    store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", ttl_seconds=10))  # type: ignore[arg-type]
+    store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: 10))  # type: ignore[arg-type]
     seen: list[str] = []
 
     async def consume(update: Any) -> None:

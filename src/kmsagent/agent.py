@@ -164,7 +164,7 @@ async def write_files_once(
 ) -> list[str]:
     """`--once` (SPEC §1): writes every `[[Files]]` table once, trying for at most the Prefetch
     wait, and returns one line per file not written. No port is opened."""
-    formatter = response_format(config.server.response_type, region=config.kms.region, ttl_seconds=config.cache.ttl_seconds)
+    formatter = response_format(config.server.response_type, region=config.kms.region, lease_seconds=lambda: config.cache.ttl_seconds)
     async with KmsClient.open(config.kms, credentials, clock=clock) as kms, trio.open_nursery() as nursery:
         cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
