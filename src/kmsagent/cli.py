@@ -22,11 +22,11 @@ from loguru import logger
 
 from kmsagent import __version__, signals
 from kmsagent.agent import run_agent
-from kmsagent.config import Config, ConfigError, check_log_folder, dump_config, load_config
+from kmsagent.config import Config, ConfigError, ServerConfig, check_log_folder, check_unix_socket, dump_config, load_config
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.notify import Notifier
-from kmsagent.server import ServeError
+from kmsagent.server import ServeError, listening_addresses
 from kmsagent.token import TokenError, TokenSource
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -69,15 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             check_log_folder(config.log)
+            _, notes = check_unix_socket(config.server, starting=False)
             credential_source(config.credentials, os.environ)  # static part: variables and files
         except ConfigError as error:
             return _fail(EXIT_USAGE, f"config error: {error}")
         except CredentialsUnavailable as error:
             return _fail(EXIT_USAGE, f"config error: [Credentials] Type = {config.credentials.type!r}: {error}")
+        for note in notes:
+            print(f"kmsagent: note: {note}", file=sys.stderr, flush=True)
         print(dump_config(config), end="")
         return EXIT_OK
     scrub_environment(os.environ)
     try:
+        check_unix_socket(config.server, starting=True)  # exit 2 before anything starts; binding checks again
         if args.dev:
             return _run_dev(config, config_path)
         return _run(config, config_path)
@@ -111,7 +115,7 @@ def _run(config: Config, config_path: str | None) -> int:
             config_path=config_path,
             notifier=notifier,
         )
-        _announce(await nursery.start(agent))
+        _announce(await nursery.start(agent), config.server)
 
     return _run_until_signal(start, reloads=config_path is not None)
 
@@ -125,7 +129,7 @@ def _run_dev(config: Config, config_path: str | None) -> int:
 
     async def start(nursery: trio.Nursery, shutdown: Shutdown) -> None:
         session = await nursery.start(partial(run_dev, config, demo, token=token, shutdown=shutdown))
-        _announce(session.port)
+        _announce(session.port, config.server)
         print("dev mode: embedded KMS emulator with demo secrets and keys. Try:", flush=True)
         for name in session.secret_names[:DEV_CURL_LINES]:
             print(
@@ -139,8 +143,8 @@ def _run_dev(config: Config, config_path: str | None) -> int:
     return _run_until_signal(start, reloads=False)
 
 
-def _announce(port: int) -> None:
-    print(f"kmsagent {__version__} listening on http://127.0.0.1:{port}", flush=True)
+def _announce(port: int, server: ServerConfig) -> None:
+    print(f"kmsagent {__version__} listening on {' '.join(listening_addresses(port, server))}", flush=True)
     gc.freeze()  # start-up's objects live as long as the process: keep them out of every collection
 
 
@@ -179,7 +183,7 @@ def _run_until_signal(start: Callable[[trio.Nursery, Shutdown], Awaitable[None]]
     except KeyboardInterrupt:  # SIGINT when signals were not held (main() called in-process)
         pass
     except BaseExceptionGroup as group:
-        fatal = group.subgroup(FATAL_ERRORS)
+        fatal = group.subgroup((*FATAL_ERRORS, ConfigError))  # ConfigError: the socket's folder or group (exit 2)
         if fatal is None:
             raise
         raise _first_leaf(fatal) from None
