@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs kmsagent from this checkout (SPEC §7): a virtual environment, the config, a log folder,
-# two wrappers and two systemd units. Run it again to upgrade: the operator's config is kept.
+# two wrappers and two systemd units, and PREFIX/.kmsagent-manifest listing what it made (all that
+# uninstall.sh removes). Run it again to upgrade: the operator's config is kept. As a user other
+# than root, with --no-systemd, it installs for that user alone (say --prefix ~/.local/kmsagent).
 set -euo pipefail
 
 # The agent runs as its own user and must read the venv and the config: a hardened root umask
@@ -11,9 +13,10 @@ readonly default_prefix=/usr/local/alibabacloudkmsagent
 readonly token_file=/var/run/kmstoken
 readonly agent_user=kmsagent
 readonly token_group=kmstokenreader
-readonly marker_name=.kmsagent-install
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly repo
+# shellcheck source=scripts/_prefix.sh
+source "$repo/scripts/_prefix.sh"
 
 usage() {
   cat <<EOF
@@ -26,9 +29,12 @@ Installs kmsagent from this checkout into DIR (default $default_prefix):
   DIR/bin/kmsagent           runs the agent from DIR/venv
   DIR/bin/kmsagent-token     writes a fresh random token to a file (used by kmsagent-token.service)
 and the systemd units kmsagent-token.service (writes $token_file, mode 0640, group
-'$token_group') and kmsagent.service (the agent, as user '$agent_user') to /etc/systemd/system/.
+'$token_group') and kmsagent.service (the agent, as user '$agent_user') to $final_units_dir/.
 It creates the system user '$agent_user' and the system group '$token_group', then enables and
-starts both units. Needs root, except with --root.
+starts both units. DIR/$manifest_name lists every file and folder it made: uninstall.sh
+removes those and nothing else. DIR must be a folder of kmsagent's own (not /usr/local, not a
+home folder) that is new, empty, or an earlier install. Needs root, except with --root or, for a
+user-level install (no accounts, no units; say --prefix ~/.local/kmsagent), with --no-systemd.
 
 Options:
   --prefix DIR   install into DIR (default $default_prefix)
@@ -68,24 +74,28 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# The prefix is written into unit files and an awk program: keep it to characters that need no
-# quoting in either, and never let it be "/" (uninstall removes things under it).
 prefix=${prefix%/}
-[[ $prefix =~ ^(/[A-Za-z0-9._+-]+)+$ ]] ||
-  usage_error "--prefix must be an absolute path of letters, digits and ._+- other than /, not '$prefix'"
 if [ -n "$root" ]; then
   [[ $root != *[[:space:]]* ]] || usage_error "--root must not contain whitespace: '$root'"
-  mkdir -p "$root" || die "cannot create the staging root '$root'"
-  root="$(cd "$root" && pwd)"
+  root=$(realpath -m -- "$root")
   [ "$root" != / ] || root=""
 fi
+# The final and the staged path both: --root must not be a way around the rule.
+check_prefix "$prefix" "$root"
 # `staged` is where files go now; `prefix` is where they will live (and what the units name).
 staged=$root$prefix
-units_dir=$root/etc/systemd/system
+units_dir=$root$final_units_dir
+manifest=$staged/$manifest_name
 
-# Fail before changing anything: a live install needs root, and units need a running systemd.
-if [ -z "$root" ]; then
-  [ "$(id -u)" = 0 ] || die "run as root to install to $prefix (or stage with --root DIR)"
+# Fail before changing anything: a live install needs root (or --no-systemd, to install for the
+# user running it), and units need a running systemd.
+user_install=0
+if [ -z "$root" ] && [ "$(id -u)" != 0 ]; then
+  [ "$with_systemd" = 0 ] ||
+    die "run as root to install to $prefix with systemd units (or add --no-systemd for a user-level install, or stage with --root DIR)"
+  user_install=1
+fi
+if [ -z "$root" ] && [ "$user_install" = 0 ]; then
   if [ "$with_systemd" = 1 ]; then
     if ! command -v systemctl >/dev/null || [ ! -d /run/systemd/system ]; then
       die "systemd is not running on this host; use --no-systemd (and start the agent yourself) or --root DIR"
@@ -104,15 +114,41 @@ command -v "$python" >/dev/null || die "no Python interpreter '$python'; set \$P
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
   die "kmsagent needs Python 3.11 or newer; '$python' is $("$python" -c 'import platform; print(platform.python_version())'); set \$PYTHON"
 
-# uninstall.sh removes whole folders under the prefix: refuse a folder that holds other things
-# (e.g. --prefix /usr/local), which the marker file would otherwise claim for kmsagent.
-if [ -d "$staged" ] && [ ! -f "$staged/$marker_name" ] && [ -n "$(ls -A "$staged")" ]; then
-  die "$staged is not empty and is not a kmsagent install (no $marker_name); choose a new or empty folder"
+# --- the manifest ----------------------------------------------------------------------------
+# A folder that holds other things is not ours to fill: its files would be mixed with kmsagent's.
+if [ -d "$staged" ] && [ ! -e "$manifest" ] && [ ! -e "$staged/$legacy_marker_name" ] && [ -n "$(ls -A "$staged")" ]; then
+  die "$staged is not empty and is not a kmsagent install (no $manifest_name); choose a new or empty folder"
+fi
+# What earlier runs made and still exists, then what this run makes: folders only if they are
+# new, the venv and the files it writes always, and the config only if it is new (an existing one
+# is the operator's, unless an earlier run made it).
+entries=()
+if [ -e "$manifest" ]; then
+  read_manifest "$manifest" "$prefix" "$root"
+  for entry in "${manifest_entries[@]}"; do
+    if [ -e "$root$entry" ] || [ -L "$root$entry" ]; then entries+=("$entry"); fi
+  done
+elif [ -e "$staged/$legacy_marker_name" ]; then
+  # Made by install.sh before it kept a manifest, always with this layout: adopt what exists of it.
+  for entry in "" /venv /bin /bin/kmsagent /bin/kmsagent-token /conf /conf/kmsagent.toml /logs; do
+    if [ -e "$staged$entry" ]; then entries+=("$prefix$entry"); fi
+  done
+  for unit in "${unit_names[@]}"; do
+    if [ -e "$units_dir/$unit" ]; then entries+=("$final_units_dir/$unit"); fi
+  done
+fi
+for entry in "" /bin /conf /conf/kmsagent.toml /logs; do
+  [ -e "$staged$entry" ] || entries+=("$prefix$entry")
+done
+entries+=("$prefix/venv" "$prefix/bin/kmsagent" "$prefix/bin/kmsagent-token")
+if [ "$with_systemd" = 1 ]; then
+  for unit in "${unit_names[@]}"; do entries+=("$final_units_dir/$unit"); done
 fi
 
-mkdir -p "$staged/bin" "$staged/conf" "$staged/logs"
-# Written first, so that a run that fails half-way (no network for pip) can simply be repeated.
-echo "kmsagent, installed by scripts/install.sh; remove with scripts/uninstall.sh" >"$staged/$marker_name"
+mkdir -p "$staged/bin" "$staged/conf" "$staged/logs" || die "cannot create $staged (may $(id -un) write there?)"
+# Written first, so that a run that fails half-way (no network for pip) can be repeated or undone.
+write_manifest "$manifest" "${entries[@]}"
+rm -f "$staged/$legacy_marker_name"
 chmod 0755 "$staged" "$staged/bin"
 chmod 0750 "$staged/conf" "$staged/logs"
 
@@ -305,6 +341,18 @@ EOF
 The venv $staged/venv works only where it was built (its scripts and interpreter link name
 absolute paths): when the tree moves to $prefix, rebuild it there with
   python3 -m venv --clear $prefix/venv && $prefix/venv/bin/python -m pip install <kmsagent checkout>
+EOF
+  exit 0
+fi
+
+# --- for the user running it: no accounts, no units ------------------------------------------
+if [ "$user_install" = 1 ]; then
+  user_token=${XDG_RUNTIME_DIR:-${HOME:-~}}/kmstoken
+  cat <<EOF
+install.sh: kmsagent $version installed in $prefix for $(id -un); nothing runs it yet. Start it with:
+  KMSAGENT_TOKEN_GROUP= $prefix/bin/kmsagent-token $user_token
+  KMS_TOKEN=file://$user_token $prefix/bin/kmsagent --config $conf
+Remove it with: scripts/uninstall.sh --prefix $prefix --no-systemd
 EOF
   exit 0
 fi
