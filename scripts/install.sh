@@ -13,6 +13,10 @@ readonly default_prefix=/usr/local/alibabacloudkmsagent
 readonly token_file=/var/run/kmstoken
 readonly agent_user=kmsagent
 readonly token_group=kmstokenreader
+# With the units: the agent's Unix socket, in the folder systemd makes for it (RuntimeDirectory=).
+readonly socket_path=/run/kmsagent/kmsagent.sock
+# Drop-ins for what the agent's sandbox forbids, installed to PREFIX/share/systemd/, not enabled.
+readonly dropin_names=(files-folders.conf files-owner.conf exec-jit.conf)
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly repo
 # shellcheck source=scripts/_prefix.sh
@@ -143,6 +147,10 @@ done
 entries+=("$prefix/venv" "$prefix/bin/kmsagent" "$prefix/bin/kmsagent-token")
 if [ "$with_systemd" = 1 ]; then
   for unit in "${unit_names[@]}"; do entries+=("$final_units_dir/$unit"); done
+  for entry in /share /share/systemd; do
+    [ -e "$staged$entry" ] || entries+=("$prefix$entry")
+  done
+  for dropin in "${dropin_names[@]}"; do entries+=("$prefix/share/systemd/$dropin"); done
 fi
 
 mkdir -p "$staged/bin" "$staged/conf" "$staged/logs" || die "cannot create $staged (may $(id -un) write there?)"
@@ -218,15 +226,19 @@ if [ -e "$conf" ]; then
   say "keeping the existing config $conf"
 else
   # The shipped defaults, with the log folder moved into the prefix (the service's only writable
-  # path). A template without that line is a broken checkout: say so rather than guess.
-  awk -v logs="$prefix/logs/" '
+  # path) and, under systemd, a Unix socket that the token readers' group may use. A template
+  # without those lines is a broken checkout: say so rather than guess.
+  if [ "$with_systemd" = 1 ]; then socket=$socket_path socket_group=$token_group; else socket="" socket_group=""; fi
+  awk -v logs="$prefix/logs/" -v socket="$socket" -v group="$socket_group" '
     /^[[:space:]]*\[/ { section = $1 }
-    section == "[Log]" && /^[[:space:]]*Path[[:space:]]*=/ { sub(/"[^"]*"/, "\"" logs "\""); done = 1 }
+    section == "[Log]" && /^[[:space:]]*Path[[:space:]]*=/ { sub(/"[^"]*"/, "\"" logs "\""); done++ }
+    section == "[Server]" && /^[[:space:]]*UnixSocket[[:space:]]*=/ { sub(/"[^"]*"/, "\"" socket "\""); done++ }
+    section == "[Server]" && /^[[:space:]]*UnixSocketGroup[[:space:]]*=/ { sub(/"[^"]*"/, "\"" group "\""); done++ }
     { print }
-    END { exit done ? 0 : 3 }
+    END { exit done == 3 ? 0 : 3 }
   ' "$repo/conf/kmsagent.toml" >"$conf.tmp" || {
     rm -f "$conf.tmp"
-    die "conf/kmsagent.toml has no [Log] Path line to point at $prefix/logs/"
+    die "conf/kmsagent.toml lacks a [Log] Path, [Server] UnixSocket or [Server] UnixSocketGroup line to set"
   }
   chmod 0640 "$conf.tmp"
   mv -f "$conf.tmp" "$conf"
@@ -265,7 +277,10 @@ EOF
 
 write_agent_unit() {
   cat <<EOF
-# Installed by kmsagent's scripts/install.sh.
+# Installed by kmsagent's scripts/install.sh, which rewrites it on upgrade: change it with a
+# drop-in (systemctl edit kmsagent). Drop-ins for what the sandbox below forbids ([[Files]]
+# outside the log folder, their Owner/Group, JIT runtimes under [Exec]) are in
+# $prefix/share/systemd/, not enabled.
 [Unit]
 Description=kmsagent: local secret-caching agent for Alibaba Cloud KMS
 Requires=kmsagent-token.service
@@ -274,7 +289,12 @@ After=kmsagent-token.service network-online.target
 Wants=network-online.target
 
 [Service]
-Type=simple
+# READY=1 once the agent listens (after Prefetch and the first [[Files]] writes), RELOADING=1 on
+# SIGHUP, and WATCHDOG=1 every WatchdogSec/2 from its event loop: a loop stuck for WatchdogSec is
+# killed and, by Restart=on-failure, started again. Only the agent may notify, not its [Exec] program.
+Type=notify
+NotifyAccess=main
+WatchdogSec=30
 User=$agent_user
 Group=$agent_user
 SupplementaryGroups=$token_group
@@ -285,20 +305,29 @@ ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
 RestartSec=2
 KillSignal=SIGTERM
-TimeoutStopSec=10
+# The agent exits within 5 s of SIGTERM; with an [Exec] program, within StopTimeoutSeconds + 2 s
+# (10 + 2 by default). Keep this at least StopTimeoutSeconds + 5 when you raise that.
+TimeoutStopSec=15
+# MaxConn = 1000 (its highest) needs 1258 descriptors (server.py); the rest is for [Exec] programs.
 LimitNOFILE=4096
 UMask=0077
+# /run/kmsagent, owned by the agent's user, for its Unix socket ([Server] UnixSocket): made at
+# start, removed at stop. 0755: the socket's group reaches the socket, whose own mode admits it.
+RuntimeDirectory=kmsagent
+RuntimeDirectoryMode=0755
 
-# Hardening: the agent reads its venv, config and token, writes only its logs, and talks TCP.
-# Every setting here is known to systemd 239 (Alibaba Cloud Linux 3), so none is warned about and
-# ignored there. On systemd >= 245, ProtectKernelLogs, ProtectClock, ProtectHostname and
+# Hardening: the agent reads its venv, config and token, writes only its logs and its socket, and
+# talks TCP. Every setting here is known to systemd 239 (Alibaba Cloud Linux 3), so none is warned
+# about and ignored there. On systemd >= 245, ProtectKernelLogs, ProtectClock, ProtectHostname and
 # RestrictSUIDSGID (all =yes) may be added. Not PrivateUsers: it would hide the token's group.
+# systemd-analyze security rates this unit 2.1 OK (systemd 252).
 NoNewPrivileges=yes
 ProtectSystem=strict
 ReadWritePaths=$prefix/logs
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
+PrivateMounts=yes
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectControlGroups=yes
@@ -306,9 +335,13 @@ RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
 RestrictNamespaces=yes
 RestrictRealtime=yes
 LockPersonality=yes
+RemoveIPC=yes
 # CPython needs no writable+executable memory (no JIT; kmsagent uses no ctypes callbacks).
 MemoryDenyWriteExecute=yes
 SystemCallArchitectures=native
+# The system calls of an ordinary service (chown included: the socket's group); others fail with EPERM.
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
 CapabilityBoundingSet=
 AmbientCapabilities=
 
@@ -317,12 +350,80 @@ WantedBy=multi-user.target
 EOF
 }
 
+# --- drop-ins: PREFIX/share/systemd/, for the operator to copy to kmsagent.service.d/ -------------
+dropin_header() {
+  cat <<EOF
+# kmsagent drop-in, installed by scripts/install.sh in $prefix/share/systemd/ and NOT enabled.
+# To enable it, as root:
+#   mkdir -p $final_units_dir/kmsagent.service.d
+#   cp $prefix/share/systemd/$1 $final_units_dir/kmsagent.service.d/
+#   (edit the copy first if the text below asks you to)
+#   systemctl daemon-reload && systemctl restart kmsagent
+# To disable it: remove the copy, then the same daemon-reload and restart.
+EOF
+}
+
+write_dropin() {
+  dropin_header "$1"
+  case $1 in
+    files-folders.conf)
+      cat <<EOF
+#
+# [[Files]] outside the log folder. The unit's sandbox (ProtectSystem=strict) leaves every path
+# read-only but $prefix/logs, so writing a [[Files]] Path elsewhere fails
+# ("Read-only file system"). List the folders of your [[Files]] Paths below, space-separated, in
+# place of the example. Each must exist before the agent starts (else the unit fails to start),
+# and only root and the agent may write to it: chown $agent_user FOLDER && chmod 0750 FOLDER.
+[Service]
+ReadWritePaths=/var/lib/myapp/secrets
+EOF
+      ;;
+    files-owner.conf)
+      cat <<EOF
+#
+# [[Files]] with Owner or Group: only an agent running as root may give a file to another user.
+# Root here, with no capability but CAP_CHOWN (to give the file to Owner and Group) and CAP_FOWNER
+# (to set its Mode once it is no longer root's). Without CAP_DAC_OVERRIDE, root obeys file modes
+# like any user: before enabling this, give root the log folder (and give it back when you
+# disable it):
+#   chown -R root:root $prefix/logs        (back: chown -R $agent_user:$agent_user $prefix/logs)
+# Root can read the token file and the config as it is: it owns both.
+[Service]
+User=root
+Group=root
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER
+EOF
+      ;;
+    exec-jit.conf)
+      cat <<EOF
+#
+# An [Exec] program that needs writable and executable memory: JIT runtimes (Java, Node.js, .NET,
+# PyPy, LuaJIT). It inherits the agent's sandbox, where MemoryDenyWriteExecute=yes makes such
+# memory fail (the runtime aborts at start, e.g. Node.js with "Fatal process out of memory").
+# This lifts that, for the agent and its program together.
+[Service]
+MemoryDenyWriteExecute=no
+# A program that needs system calls beyond @system-service fails with EPERM ("Operation not
+# permitted"); remove the '#' of the next line to lift the system call filter too.
+#SystemCallFilter=
+EOF
+      ;;
+  esac
+}
+
 if [ "$with_systemd" = 1 ]; then
   mkdir -p "$units_dir"
   write_token_unit >"$units_dir/kmsagent-token.service"
   write_agent_unit >"$units_dir/kmsagent.service"
   chmod 0644 "$units_dir/kmsagent-token.service" "$units_dir/kmsagent.service"
   say "installed $units_dir/kmsagent-token.service and $units_dir/kmsagent.service"
+  mkdir -p "$staged/share/systemd"
+  chmod 0755 "$staged/share" "$staged/share/systemd"
+  for dropin in "${dropin_names[@]}"; do
+    write_dropin "$dropin" >"$staged/share/systemd/$dropin"
+    chmod 0644 "$staged/share/systemd/$dropin"
+  done
+  say "installed the drop-ins ${dropin_names[*]} to $prefix/share/systemd/, not enabled (see their first lines)"
 fi
 
 # --- staged: tell the packager what is left to do ---------------------------------------------

@@ -231,6 +231,7 @@ ACCEPTED: list[tuple[str, str, Any]] = [
     ("Credentials", "DisableIMDSv1", True),
     *(("Log", "Level", level) for level in ("debug", "info", "warn", "error")),
     ("Log", "Path", "/var/log/kmsagent"),
+    ("Log", "Path", ""),  # stderr only
     ("Log", "Format", "text"),
 ]
 
@@ -319,7 +320,6 @@ REJECTED: list[tuple[str, str, Any]] = [
     ("Credentials", "MetadataEndpoint", "http://user@100.100.100.200"),
     ("Log", "Level", "warning"),
     ("Log", "Level", "DEBUG"),
-    ("Log", "Path", ""),
     ("Log", "Format", "yaml"),
 ]
 

@@ -27,6 +27,7 @@ import trio
 
 from kmsagent import __version__
 from kmsagent.emulator import KmsEmulator
+from kmsagent.server import MAX_REFUSING, OTHER_DESCRIPTORS, PING_RESERVE
 from test_cli import read_lines_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,11 @@ UNITS = ("kmsagent-token.service", "kmsagent.service")
 MANIFEST = ".kmsagent-manifest"
 #: What a first install makes under the prefix (with the units, also /etc/systemd/system/UNITS).
 MADE = ("", "/bin", "/bin/kmsagent", "/bin/kmsagent-token", "/conf", "/conf/kmsagent.toml", "/logs", "/venv")
+#: The drop-ins installed with the units, not enabled, and what else that makes under the prefix.
+DROPINS = ("files-folders.conf", "files-owner.conf", "exec-jit.conf")
+MADE_WITH_UNITS = ("/share", "/share/systemd", *(f"/share/systemd/{name}" for name in DROPINS))
+#: SPEC §9's StopTimeoutSeconds default: the unit's TimeoutStopSec must be at least 5 s more.
+DEFAULT_STOP_TIMEOUT_SECONDS = 10
 AK_ID, AK_SECRET = "LTAIinstallTestKeyId01", "install-test-AccessKeySecret-Vb7q"
 SECRET_NAME, SECRET_VALUE = "install/db-password", "value-of-install-secret-Wm4k"
 #: pip needs the environment's index settings and its cache under HOME; the venv is built from
@@ -200,7 +206,9 @@ def test_a_second_run_keeps_the_operators_config(upgraded: Tree) -> None:
 
 def test_a_second_run_adds_the_units_to_the_manifest(upgraded: Tree) -> None:
     # The config is still listed: the first run made it, although this one kept it.
-    assert upgraded.listed() == {PREFIX + path for path in MADE} | {f"/etc/systemd/system/{name}" for name in UNITS}
+    assert upgraded.listed() == {PREFIX + path for path in (*MADE, *MADE_WITH_UNITS)} | {
+        f"/etc/systemd/system/{name}" for name in UNITS
+    }
 
 
 def test_the_agent_unit_runs_the_installed_agent_as_its_user_hardened(upgraded: Tree) -> None:
@@ -219,7 +227,13 @@ def test_the_agent_unit_runs_the_installed_agent_as_its_user_hardened(upgraded: 
         "Restart": "on-failure",
         "RestartSec": "2",
         "KillSignal": "SIGTERM",
-        "TimeoutStopSec": "10",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "30",
+        "TimeoutStopSec": "15",
+        "LimitNOFILE": "4096",
+        "RuntimeDirectory": "kmsagent",
+        "RuntimeDirectoryMode": "0755",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
         "ReadWritePaths": f"{PREFIX}/logs",
@@ -235,6 +249,10 @@ def test_the_agent_unit_runs_the_installed_agent_as_its_user_hardened(upgraded: 
         "MemoryDenyWriteExecute": "yes",
         "RestrictRealtime": "yes",
         "SystemCallArchitectures": "native",
+        "SystemCallFilter": "@system-service",
+        "SystemCallErrorNumber": "EPERM",
+        "PrivateMounts": "yes",
+        "RemoveIPC": "yes",
         "CapabilityBoundingSet": "",
         "AmbientCapabilities": "",
         "UMask": "0077",
@@ -264,6 +282,102 @@ def test_systemd_analyze_verifies_the_units(upgraded: Tree, tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert "kmsagent" not in result.stderr, result.stderr
+
+
+# --- the agent under systemd: notify, watchdog, limits, its socket, drop-ins (issue 16) ---------
+
+
+@pytest.fixture(scope="module")
+def with_units(staged: Tree, tmp_path_factory: pytest.TempPathFactory) -> Tree:
+    """A first install with the units, so with a new config (the staged venv is reused)."""
+    tree = copy_tree(staged, tmp_path_factory.mktemp("with-units") / "root")
+    tree.conf.unlink()
+    return install(tree.root)
+
+
+def test_with_the_units_the_config_gives_the_token_readers_a_unix_socket(with_units: Tree) -> None:
+    server = tomllib.loads(with_units.conf.read_text())["Server"]
+    assert (server["UnixSocket"], server["UnixSocketMode"], server["UnixSocketGroup"]) == (
+        "/run/kmsagent/kmsagent.sock",
+        "0660",
+        "kmstokenreader",
+    )
+    unit = unit_settings(with_units.unit("kmsagent.service"))
+    assert Path(server["UnixSocket"]).parent == Path("/run") / unit["Service.RuntimeDirectory"][0]  # the agent's own
+    assert "kmstokenreader" in unit["Service.SupplementaryGroups"]  # so that it may give the socket that group
+    assert tomllib.loads((ROOT / "conf" / "kmsagent.toml").read_text())["Server"]["UnixSocket"] == ""  # shipped: none
+
+
+def test_the_unit_fits_the_agent(with_units: Tree) -> None:
+    """TimeoutStopSec ≥ StopTimeoutSeconds (SPEC §9: 10 by default) + 5; LimitNOFILE what
+    MaxConn = 1000 needs (server.py raises the soft limit that far, never the hard one)."""
+    unit = unit_settings(with_units.unit("kmsagent.service"))
+    assert int(unit["Service.TimeoutStopSec"][0]) >= DEFAULT_STOP_TIMEOUT_SECONDS + 5
+    assert int(unit["Service.LimitNOFILE"][0]) >= 1000 + PING_RESERVE + MAX_REFUSING + OTHER_DESCRIPTORS
+
+
+def exposure(analyze: str, unit: Path) -> tuple[float, str]:
+    """`systemd-analyze security --offline=true UNIT`'s overall score and rating."""
+    result = subprocess.run([analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60)
+    if "offline" in result.stderr and result.returncode != 0:
+        pytest.skip(f"this systemd-analyze has no --offline: {result.stderr.strip()[:200]}")
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr[-2000:]
+    return float(match[1]), match[2]
+
+
+@pytest.mark.parametrize("dropin", ["none", *DROPINS])
+def test_systemd_analyze_security_rates_the_unit_ok_or_better(with_units: Tree, tmp_path: Path, dropin: str) -> None:
+    """Issue 16: "OK" or better, with each drop-in too (2.1 OK alone, 2.8 OK as root with
+    files-owner.conf, with systemd 252)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    (tmp_path / "kmsagent.service").write_text(with_units.unit("kmsagent.service"))
+    if dropin != "none":  # found beside the unit, as in /etc/systemd/system/kmsagent.service.d/
+        (tmp_path / "kmsagent.service.d").mkdir()
+        shutil.copy(with_units.prefix / "share" / "systemd" / dropin, tmp_path / "kmsagent.service.d")
+    score, rating = exposure(analyze, tmp_path / "kmsagent.service")
+    print(f"systemd-analyze security, drop-in {dropin}: {score} {rating}")
+    assert rating in ("PERFECT", "SAFE", "OK"), (score, rating)
+
+
+def test_systemd_analyze_verifies_the_unit_with_each_dropin(with_units: Tree, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    for name in DROPINS:
+        folder = tmp_path / name
+        (folder / "kmsagent.service.d").mkdir(parents=True)
+        for unit in UNITS:  # verify checks that the commands exist: the copies name the staged tree
+            (folder / unit).write_text(with_units.unit(unit).replace(PREFIX, str(with_units.prefix)))
+        text = (with_units.prefix / "share" / "systemd" / name).read_text()
+        (folder / "kmsagent.service.d" / name).write_text(text.replace(PREFIX, str(with_units.prefix)))
+        result = subprocess.run(
+            [analyze, "verify", *(str(folder / unit) for unit in UNITS)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, (name, result.stderr)
+        assert "kmsagent" not in result.stderr, (name, result.stderr)
+
+
+def test_the_dropins_are_installed_not_enabled_and_documented(with_units: Tree) -> None:
+    """The sandbox forbids [[Files]] outside the logs, their Owner/Group and JIT [Exec] programs:
+    one drop-in each, beside the unit but not in its kmsagent.service.d/."""
+    folder = with_units.prefix / "share" / "systemd"
+    assert sorted(path.name for path in folder.iterdir()) == sorted(DROPINS)
+    assert not (with_units.units_dir / "kmsagent.service.d").exists()
+    settings = {name: unit_settings((folder / name).read_text()) for name in DROPINS}
+    assert settings["files-folders.conf"]["Service.ReadWritePaths"] == ["/var/lib/myapp/secrets"]
+    assert settings["files-owner.conf"]["Service.User"] == ["root"]
+    assert settings["files-owner.conf"]["Service.CapabilityBoundingSet"] == ["CAP_CHOWN CAP_FOWNER"]
+    assert settings["exec-jit.conf"]["Service.MemoryDenyWriteExecute"] == ["no"]
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    for name in DROPINS:
+        text = (folder / name).read_text()
+        assert str(with_units.root) not in text  # the final paths
+        assert f"cp {PREFIX}/share/systemd/{name} /etc/systemd/system/kmsagent.service.d/" in text
+        assert f"share/systemd/{name}" in operations, f"docs/operations.md does not say how to enable {name}"
+    assert stat.S_IMODE((folder / DROPINS[0]).stat().st_mode) == 0o644
 
 
 # --- the token writer -----------------------------------------------------------------------

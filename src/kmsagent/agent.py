@@ -84,6 +84,7 @@ async def run_agent(
             ipv6=config.server.bind_ipv6,
             max_conn=config.server.max_conn,
             error_body=formatter.error,
+            unix=config.server,
         )
         metrics.watch("kmsagent_cache_entries", "Secrets in the cache.", lambda: len(cache))
         metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)

@@ -28,6 +28,7 @@ from kmsagent.config import (
     ConfigError,
     ServerConfig,
     check_log_folder,
+    check_unix_socket,
     dump_config,
     load_config,
     with_command,
@@ -36,7 +37,7 @@ from kmsagent.credentials import CredentialsUnavailable, check_credentials, cred
 from kmsagent.logs import LogSetupError, close_logging, configure_logging
 from kmsagent.notify import Notifier
 from kmsagent.processes import make_non_dumpable
-from kmsagent.server import ServeError, listen_urls
+from kmsagent.server import ServeError, listening_addresses
 from kmsagent.token import TokenError, TokenSource
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -147,16 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         try:
             check_log_folder(config.log)
+            _, notes = check_unix_socket(config.server, starting=False)
             check_credentials(config.credentials, os.environ, region=config.kms.region)  # variables and files
         except ConfigError as error:
             return _fail(EXIT_USAGE, f"config error: {error}")
         except CredentialsUnavailable as error:
             return _fail(EXIT_USAGE, f"config error: [Credentials] Type = {config.credentials.type!r}: {error}")
+        for note in notes:
+            print(f"kmsagent: note: {note}", file=sys.stderr, flush=True)
         print(dump_config(config), end="")
         return EXIT_OK
     scrub_environment(os.environ)
     make_non_dumpable()  # SPEC §9: no core dump, /proc or ptrace reader of the agent's secrets
     try:
+        check_unix_socket(config.server, starting=True)  # exit 2 before anything starts; binding checks again
         if args.once:
             return _run_once(config)
         if args.dev:
@@ -267,7 +272,7 @@ def _run_dev(config: Config, config_path: str | None) -> int:
 async def _announce(port: int, server: ServerConfig) -> None:
     """SPEC §1's start line, naming every address listened on; none once a stop signal came."""
     await trio.lowlevel.checkpoint_if_cancelled()
-    print(f"kmsagent {__version__} listening on {' '.join(listen_urls(port, server.bind_ipv6))}", flush=True)
+    print(f"kmsagent {__version__} listening on {' '.join(listening_addresses(port, server))}", flush=True)
     gc.freeze()  # start-up's objects live as long as the process: keep them out of every collection
 
 
@@ -317,7 +322,7 @@ def _run_until_signal(
     except KeyboardInterrupt:  # SIGINT when signals were not held (main() called in-process)
         pass
     except BaseExceptionGroup as group:
-        fatal = group.subgroup(FATAL_ERRORS)
+        fatal = group.subgroup((*FATAL_ERRORS, ConfigError))  # ConfigError: the socket's folder or group (exit 2)
         if fatal is None:
             raise
         raise _first_leaf(fatal) from None

@@ -42,6 +42,9 @@ class ServerConfig:
     response_type: int = 0
     ignore_transient_errors: bool = True
     bind_ipv6: bool = False
+    unix_socket: str = ""
+    unix_socket_mode: str = "0660"
+    unix_socket_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -564,6 +567,22 @@ _EXEC_KEYS = (
 )
 
 
+#: sun_path holds 108 bytes, the last one a NUL.
+MAX_SOCKET_PATH = 107
+_unix_socket = _text(
+    f'must be "" or an absolute path of at most {MAX_SOCKET_PATH} bytes, not ending in "/"',
+    lambda path: path == ""
+    or (os.path.isabs(path) and not path.endswith("/") and "\0" not in path and len(os.fsencode(path)) <= MAX_SOCKET_PATH),
+)
+_unix_socket_mode = _text(
+    'must be octal permission bits within 0777, as a string such as "0660"',
+    lambda mode: re.fullmatch(r"[0-7]{3,4}", mode) is not None and int(mode, 8) <= 0o777,
+)
+_unix_socket_group = _text(
+    'must be "" (the agent\'s primary group), a group name or a numeric gid',
+    lambda group: group == "" or group.isdecimal() or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*\$?", group) is not None,
+)
+
 _KEYS: tuple[_Key, ...] = (
     _Key("Server", "HttpPort", "http_port", _http_port),
     _Key("Server", "MaxConn", "max_conn", _int_in(1, 1000)),
@@ -573,6 +592,9 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Server", "ResponseType", "response_type", _int_in(0, 2)),
     _Key("Server", "IgnoreTransientErrors", "ignore_transient_errors", _bool),
     _Key("Server", "BindIPv6", "bind_ipv6", _bool),
+    _Key("Server", "UnixSocket", "unix_socket", _unix_socket),
+    _Key("Server", "UnixSocketMode", "unix_socket_mode", _unix_socket_mode),
+    _Key("Server", "UnixSocketGroup", "unix_socket_group", _unix_socket_group),
     _Key("Cache", "CacheSize", "cache_size", _int_in(1, 1000)),
     _Key("Cache", "TtlSeconds", "ttl_seconds", _int_in(0, 3600)),
     _Key("Cache", "MaxStaleSeconds", "max_stale_seconds", _int_in(0, 31_536_000)),
@@ -604,7 +626,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Credentials", "CredentialsUri", "credentials_uri", _credentials_uri),
     _Key("Credentials", "AllowedRoleArns", "allowed_role_arns", _allowed_role_arns),
     _Key("Log", "Level", "level", _one_of("debug", "info", "warn", "error")),
-    _Key("Log", "Path", "path", _text("must be a non-empty string", bool)),
+    _Key("Log", "Path", "path", _text('must be a folder, or "" for stderr only', lambda path: "\0" not in path)),
     _Key("Log", "MaxFileSizeMB", "max_file_size_mb", _int_in(1, 10_240)),
     _Key("Log", "Backups", "backups", _int_in(0, 100)),
     _Key("Log", "Format", "format", _one_of("json", "text")),
@@ -860,12 +882,15 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def check_log_folder(log: LogConfig) -> None:
-    """Raises `ConfigError` unless `[Log] Path` can be created and written (for `--check-config`).
+    """Raises `ConfigError` unless `[Log] Path` can be created and written, or is "" (stderr only),
+    for `--check-config`.
 
     Parsing cannot tell that `/proc/nope/` or a path under a regular file will fail at start-up,
     so this tries what start-up will do: a missing folder's first missing part is created and
     removed again, an existing one gets a temporary file. Nothing is left behind.
     """
+    if not log.path:
+        return  # stderr only
     folder = Path(log.path)
     problem = _unwritable_folder(folder)
     if problem is not None:
@@ -891,6 +916,57 @@ def _unwritable_folder(folder: Path) -> str | None:
     except OSError as error:
         return f"the log folder cannot be {'written' if missing is None else 'created'} ({error.strerror or error})"
     return None
+
+
+def check_unix_socket(server: ServerConfig, *, starting: bool) -> tuple[int | None, list[str]]:
+    """The gid that `[Server] UnixSocketGroup` names (None without a socket), and notes.
+
+    Raises `ConfigError` when the socket's folder is not a folder, belongs to a user other than
+    root and the agent's, or is writable by others, sticky or not (SPEC §3: anyone who may write
+    there may replace the socket with their own and collect the tokens that clients send). What
+    only the host at start can settle — a folder or a group that does not exist yet (systemd's
+    `RuntimeDirectory=` makes the folder as the service starts; install.sh makes the group) —
+    is an error when `starting`, else a note for `--check-config`.
+    """
+    path = server.unix_socket
+    if not path:
+        return None, []
+    problems: list[tuple[str, str, str]] = []  # (key, value, problem)
+    folder = os.path.dirname(path)
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        problems.append(("UnixSocket", path, f"its folder {folder} does not exist"))
+    except OSError as error:
+        raise ConfigError(f"[Server] UnixSocket = {_show(path)}: its folder {folder} cannot be used ({error.strerror})") from None
+    else:
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"[Server] UnixSocket = {_show(path)}: {folder} is not a folder")
+        if info.st_uid not in (0, os.geteuid()):
+            raise ConfigError(
+                f"[Server] UnixSocket = {_show(path)}: its folder {folder} must belong to root or the agent's "
+                f"user (uid {os.geteuid()}), not uid {info.st_uid}"
+            )
+        if info.st_mode & stat.S_IWOTH:
+            raise ConfigError(
+                f"[Server] UnixSocket = {_show(path)}: its folder {folder} is writable by others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}), who could replace the socket; use a folder only "
+                "root and the agent may write to, such as systemd's RuntimeDirectory"
+            )
+    group = server.unix_socket_group
+    gid: int | None = os.getegid()
+    if group.isdecimal():
+        gid = int(group)
+    elif group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            gid = None
+            problems.append(("UnixSocketGroup", group, "no such group"))
+    if starting and problems:
+        key, value, problem = problems[0]
+        raise ConfigError(f"[Server] {key} = {_show(value)}: {problem}")
+    return gid, [f"[Server] {key} = {_show(value)}: {problem} (yet); the agent needs it at start" for key, value, problem in problems]
 
 
 def differences(old: Config, new: Config) -> list[tuple[str, str, Any, Any]]:

@@ -228,6 +228,26 @@ class Connection:
             pass
         finally:
             await trio.aclose_forcefully(self._stream)
+            self._release()
+
+    def _release(self) -> None:
+        """Breaks the reference cycles of a finished connection, so that it is freed at once.
+
+        The protocol calls back into this object (its `send` is the bound `_protocol_send`), and a
+        request's stream into the protocol (`stream_send`), so a closed connection was freed only
+        by the garbage collector: about 57 objects each (the task group, its tasks, tracebacks).
+        With cli.py's sparse collections (gen-0 at 50,000 objects, start-up frozen) they piled
+        up: 1400 hung-up misses every 20 s took the agent from 73 to 128 to 163 MB (issue 16).
+        The task group has ended when this runs: nothing calls into the protocol any more.
+        """
+        protocol: _Http11Only | None = self.__dict__.pop("_protocol", None)
+        if protocol is not None:
+            protocol.stream = None  # a request the client hung up on was never closed
+            protocol.send = protocol.task_group = None  # type: ignore[assignment]
+        self._buffer.clear()
+        self._held = bytearray()
+        self._wake = None
+        self._sendings.clear()
 
     def stop(self, deadline: float) -> None:
         """Server shutdown: an idle connection ends now; a busy one may finish its response until

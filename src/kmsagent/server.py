@@ -1,16 +1,21 @@
-"""Hypercorn's trio HTTP/1.1 protocol behind our own accept loop, bound to loopback only.
+"""Hypercorn's trio HTTP/1.1 protocol behind our own accept loop, bound to loopback only (and to a
+Unix socket when `[Server] UnixSocket` is set).
 
 Why not `hypercorn.trio.serve`: it has no connection cap (its `backlog` is the kernel's queue),
 so this module owns accepting and counting (SPEC §3's MaxConn, 429, and the `/ping` reserve);
-each connection is served by connection.py, hypercorn's protocol on a leaner I/O layer.
+each connection is served by connection.py, hypercorn's protocol on a leaner I/O layer. Every
+listener feeds the same accept loop and the same count: the Unix socket serves the same API with
+the same checks, and MaxConn bounds TCP and Unix connections together.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,6 +28,7 @@ from hypercorn.utils import wrap_app
 from loguru import logger
 
 from kmsagent.app import OVER_LIMIT
+from kmsagent.config import ConfigError, ServerConfig, check_unix_socket
 from kmsagent.connection import Connection, ErrorBody
 from kmsagent.errors import AgentError
 
@@ -93,6 +99,130 @@ def bind_loopback(port: int, ipv6: bool) -> list[socket.socket]:
     return sockets
 
 
+def listening_addresses(port: int, server: ServerConfig) -> list[str]:
+    """What the start line names (SPEC §1): `http://127.0.0.1:<port>`, then the other listeners."""
+    addresses = listen_urls(port, server.bind_ipv6)
+    if server.unix_socket:
+        addresses.append(f"unix:{server.unix_socket}")
+    return addresses
+
+
+class UnixListener:
+    """A bound Unix socket and the node it made, which `remove` deletes only while it is still that
+    one (a node replaced by someone else since is theirs)."""
+
+    def __init__(self, path: str, sock: socket.socket, node: tuple[int, int]) -> None:
+        self.path = path
+        self.sock = sock
+        self.node = node  # (st_dev, st_ino)
+        self._removed = False
+
+    def remove(self) -> None:
+        """Closes the socket and removes its node (SPEC §2: removed at exit). Only once: after the
+        unlink, the inode number may come back with another program's node."""
+        self.sock.close()
+        if self._removed:
+            return
+        self._removed = True
+        try:
+            info = os.lstat(self.path)
+            if (info.st_dev, info.st_ino) == self.node:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def bind_unix(server: ServerConfig) -> UnixListener:
+    """Listens on `server.unix_socket` with UnixSocketMode and UnixSocketGroup from the first instant.
+
+    Linux checks a client's write permission on the node at `connect`, and nothing can connect
+    before `listen` (ECONNREFUSED): so the node is bound, given its group and mode, and only then
+    listens. The mode the umask gave it at bind is never in force. Not `os.umask` around `bind`:
+    it is process-wide, and a log writer thread rotating its file at that instant would create it
+    with the socket's wider mode. Not `fchmod`/`fchown` on the socket: on Linux they change the
+    socket's own inode, not the node in the folder. The group and mode are set through an
+    `O_PATH | O_NOFOLLOW` descriptor of the node (by its /proc/self/fd name), never by path: if
+    the node were swapped for a symbolic link meanwhile, a root agent would not chmod its target.
+
+    The folder is checked first (`check_unix_socket`: root's or the agent's, not writable by
+    others; else ConfigError, exit 2). A file already at the path is replaced only when it is a
+    socket that nothing answers on (left by an agent that was killed); a live agent's socket, or
+    anything that is not a socket, is left alone: ServeError, exit 1. Two agents starting at the
+    same instant on one path could still both find it stale; the service manager starts one.
+    Blocking calls (the group may be looked up over the network): run it in a worker thread.
+    """
+    path = server.unix_socket
+    gid, _ = check_unix_socket(server, starting=True)
+    assert gid is not None
+    _clear_the_way(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener: UnixListener | None = None
+    try:
+        sock.bind(path)
+        info = os.lstat(path)
+        listener = UnixListener(path, sock, (info.st_dev, info.st_ino))
+        _set_group_and_mode(listener, gid, server)
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException as error:
+        if listener is not None:
+            listener.remove()
+        else:
+            sock.close()
+        if isinstance(error, OSError):
+            raise ServeError(f"cannot listen on unix:{path}: {error.strerror}") from None
+        raise
+    return listener
+
+
+def _set_group_and_mode(listener: UnixListener, gid: int, server: ServerConfig) -> None:
+    descriptor = os.open(listener.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(descriptor)
+        if (info.st_dev, info.st_ino) != listener.node:
+            raise ServeError(f"cannot listen on unix:{listener.path}: the socket was replaced while it was made")
+        by_descriptor = f"/proc/self/fd/{descriptor}"
+        try:
+            os.chown(by_descriptor, -1, gid)
+        except PermissionError:
+            raise ConfigError(
+                f"[Server] UnixSocketGroup = {server.unix_socket_group!r}: the agent's user (uid {os.geteuid()}) "
+                f"may not give the socket to gid {gid}; it must be a member of that group"
+            ) from None
+        os.chmod(by_descriptor, int(server.unix_socket_mode, 8))
+    finally:
+        os.close(descriptor)
+
+
+def _clear_the_way(path: str) -> None:
+    """Removes a stale socket at `path`; ServeError for a live one or a file that is not a socket."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ServeError(f"cannot listen on unix:{path}: it exists and is not a socket; remove it or choose another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # nothing listens: left by an agent that did not stop cleanly
+    except FileNotFoundError:
+        return
+    except BlockingIOError:  # its backlog is full: very much alive
+        raise ServeError(f"cannot listen on unix:{path}: another process is listening on it") from None
+    except OSError as error:
+        raise ServeError(f"cannot listen on unix:{path}: cannot tell whether it is in use ({error.strerror})") from None
+    else:
+        raise ServeError(f"cannot listen on unix:{path}: another process (a running kmsagent?) is listening on it")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 class ConnectionSlots:
     """Counts open connections against MaxConn plus the ping reserve."""
 
@@ -112,9 +242,14 @@ class ConnectionSlots:
 
 
 class HttpServer:
-    """Serves `app` on loopback; `run` is started in the agent's nursery and returns the port."""
+    """Serves `app` on loopback; `run` is started in the agent's nursery and returns the port.
 
-    def __init__(self, app: Any, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody) -> None:
+    `unix`: the `[Server]` keys of a Unix socket to listen on as well (none when UnixSocket is "").
+    """
+
+    def __init__(
+        self, app: Any, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody, unix: ServerConfig | None = None
+    ) -> None:
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
         self._config.graceful_timeout = GRACEFUL_TIMEOUT
@@ -124,6 +259,7 @@ class HttpServer:
         self._over_limit_app = _OverLimitApp(self._app)
         self._port = port
         self._ipv6 = ipv6
+        self._unix = unix if unix is not None and unix.unix_socket else None
         self.slots = ConnectionSlots(max_conn)
         self._context = WorkerContext(None)
         self._lifespan_state: dict[str, Any] = {}
@@ -147,6 +283,25 @@ class HttpServer:
         max_conn = self.slots.max_conn
         raise_open_file_limit(max_conn + PING_RESERVE + MAX_REFUSING + OTHER_DESCRIPTORS, max_conn)
         sockets = bind_loopback(self._port, self._ipv6)
+        unix: UnixListener | None = None
+        try:
+            if self._unix is not None:
+                unix = await trio.to_thread.run_sync(bind_unix, self._unix)
+                sockets.append(unix.sock)
+            await self._serve(sockets, unix, shutdown, task_status)
+        finally:  # also when cancelled or failing: no listener stays open, no socket file stays
+            for sock in sockets:
+                sock.close()
+            if unix is not None:
+                unix.remove()
+
+    async def _serve(
+        self,
+        sockets: list[socket.socket],
+        unix: UnixListener | None,
+        shutdown: Callable[[], Awaitable[object]],
+        task_status: trio.TaskStatus[int],
+    ) -> None:
         lifespan = Lifespan(self._app, self._config, self._lifespan_state)
         async with trio.open_nursery() as lifespan_nursery:
             await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -160,6 +315,8 @@ class HttpServer:
                     accepting.cancel_scope.cancel()
                 for sock in sockets:
                     sock.close()
+                if unix is not None:
+                    unix.remove()  # no new client finds a socket that no longer accepts
                 # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT, for
                 # their sends too (shielded, they would otherwise take up to SEND_TIMEOUT).
                 await self._context.terminated.set()
