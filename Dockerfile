@@ -13,13 +13,15 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md NOTICE ./
+COPY pyproject.toml README.md NOTICE requirements-runtime.lock ./
 COPY src ./src
 RUN python -m pip wheel --no-deps --wheel-dir /wheels .
 # --without-pip, and pip run from outside: the final environment holds the wheel and its
-# dependencies, nothing else.
+# dependencies, nothing else. The dependencies are requirements-runtime.lock's, the versions
+# the tests ran against, each file checked against its hash; the wheel adds none of its own.
 RUN python -m venv --without-pip /opt/kmsagent \
- && python -m pip --python /opt/kmsagent/bin/python install /wheels/kmsagent-*.whl
+ && python -m pip --python /opt/kmsagent/bin/python install --require-hashes -r requirements-runtime.lock \
+ && python -m pip --python /opt/kmsagent/bin/python install --no-deps /wheels/kmsagent-*.whl
 
 FROM ${PYTHON_IMAGE}
 # 65532 is the usual "nonroot" id (distroless); Kubernetes' runAsNonRoot needs it numeric.

@@ -177,9 +177,14 @@ sources=(pyproject.toml README.md src)
 if [ -f "$repo/NOTICE" ]; then sources+=(NOTICE); fi
 tar -C "$repo" --exclude=__pycache__ --exclude='*.egg-info' -cf - "${sources[@]}" | tar -C "$snapshot" -xf -
 say "installing kmsagent into $venv"
-# pip always rebuilds and reinstalls a local project, so an upgrade gets the new code even when
-# the version number did not change; dependencies already there are kept.
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$snapshot" ||
+# The dependencies are requirements-runtime.lock's: the versions the tests ran against, each file
+# checked against its hash (an upgrade moves them to the new lock's versions). Then the package,
+# which adds none of its own; pip always rebuilds and reinstalls a local project, so an upgrade
+# gets the new code even when the version number did not change.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+  -r "$repo/requirements-runtime.lock" ||
+  die "pip could not install kmsagent's locked dependencies into $venv (see its output above)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$snapshot" ||
   die "pip could not install kmsagent into $venv (see its output above)"
 version=$("$venv/bin/python" -c 'import kmsagent; print(kmsagent.__version__)') ||
   die "kmsagent does not import from $venv"
