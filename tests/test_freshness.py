@@ -254,7 +254,7 @@ async def test_60_hot_secrets_with_a_5s_ttl_and_100ms_kms_never_miss_after_the_f
     async with KmsClient.open(config.kms, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms:
         async with trio.open_nursery() as nursery:
             cache: SecretCache = SecretCache(max_entries=1000, ttl=5, loads=nursery, is_transient=is_transient)
-            store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", ttl_seconds=5))
+            store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: 5))
             refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
             nursery.start_soon(refresher.run)
             rounds: list[Counter[Outcome]] = []

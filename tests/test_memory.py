@@ -173,7 +173,7 @@ async def store_factory(
 
             def make(*, cache_size: int, ttl: float) -> SecretStore:
                 cache: SecretCache = SecretCache(max_entries=cache_size, ttl=ttl, loads=loads, is_transient=is_transient)
-                store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", ttl_seconds=int(ttl)))
+                store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: ttl))
                 loads.start_soon(Refresher(cache, max_in_flight=8, rotation_due=store.rotation_due).run)
                 return store
 
