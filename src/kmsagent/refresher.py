@@ -19,8 +19,8 @@ credentials its refresh is signed with, or None), the keys of the same group tha
 within the next few seconds (`BATCH_WINDOW`: 5 % of the TTL, at most 5 s) join it, up to 20, in
 one reload through `load_batch` holding one slot. Keys only ever join early: no refresh happens
 later than it would alone, so none is moved past its entry's expiry. Entries refreshed together
-share their next refresh window, so batches fill up: 1,000 hot secrets with a 60 s TTL cost about
-50 calls per window instead of 1,000 (scripts/bench freshness).
+share their next refresh window, so batches fill up: 1,000 hot secrets with a 60 s TTL cost 53
+calls per window (mean of windows 1-9, at most 55) instead of 1,038 (scripts/bench freshness).
 
 The schedule holds keys, not entries, and one item per key: a key's newer refresh point replaces
 its older one (stale heap items are skipped, and dropped whenever they outnumber the live ones),
@@ -152,8 +152,8 @@ class Refresher(Generic[K]):
     def _companions(self, first: Entry[Any], group: Hashable) -> list[tuple[K, Entry[Any]]]:
         """Read keys of `group` due within the batch window from now, taken off the schedule.
 
-        Only keys that fall due soon join, never a key past its due time is held back: joining
-        moves a refresh earlier, never later. Other keys in that stretch keep their items.
+        A key joins before its own refresh point: joining moves a refresh earlier, never later.
+        Keys in that stretch that cannot join (unread, another group) keep their items.
         """
         window = first.expires_at - first.loaded_at
         horizon = trio.current_time() + min(window * BATCH_WINDOW[0], BATCH_WINDOW[1])

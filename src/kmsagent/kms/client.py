@@ -132,7 +132,7 @@ class KmsClient:
         if version_stage:
             query["VersionStage"] = version_stage
         return await self._call(
-            GET_SECRET_VALUE, query, lambda body: parse_secret(body), MAX_ANSWER_BYTES, self._config.max_retries, queued, secret_id
+            GET_SECRET_VALUE, query, parse_secret, MAX_ANSWER_BYTES, self._config.max_retries, queued, secret_id
         )
 
     async def batch_get_secret_values(
@@ -149,7 +149,7 @@ class KmsClient:
         if not 0 < len(names) <= BATCH_LIMIT:
             raise ValueError(f"a batch holds 1..{BATCH_LIMIT} names")
         # SDK 3.3.1 sends SecretsList as one JSON query parameter ("json" style, compact).
-        secrets_list = "[" + ",".join(_json_object({"SecretName": name}) for name in names) + "]"
+        secrets_list = json.dumps([{"SecretName": name} for name in names], separators=(",", ":"), ensure_ascii=False)
         try:
             return await self._call(
                 BATCH_GET_SECRET_VALUE,
@@ -276,10 +276,6 @@ class KmsClient:
         if response.status_code == 200:
             return parse(body)
         raise parse_error(response, body)
-
-
-def _json_object(fields: dict[str, str]) -> str:
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float | None:
