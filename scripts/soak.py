@@ -3,14 +3,17 @@
 For N minutes: a few hundred secrets, K client tasks reading random secrets over keep-alive HTTP
 and checking every value against what the emulator held, secrets rotating and new ones appearing
 on a schedule, KMS faults (500, 503, throttling, dropped connections, answers slower than
-ReadTimeoutMs) and metadata-service outages switched on and off in recorded windows, and STS
-credentials short-lived enough to be renewed several times.
+ReadTimeoutMs, the primary endpoint down while a replica serves as FallbackEndpoints) and
+metadata-service outages switched on and off in recorded windows, and STS credentials
+short-lived enough to be renewed several times.
 
 A 200's value is right when it is a version of the requested secret that was current at some
 moment in [request start - TtlSeconds - margin, response end]; a `stale` answer may be any
 earlier version (serving the last value during an outage is the point; MaxStaleSeconds = 0 means
 no bound). A 5xx (or other non-200) is expected only while a fault window is open, or within the
-grace after it that a KMS call already under way needs to finish (all tries plus back-off).
+grace after it that a KMS call already under way needs to finish (all tries plus back-off); never
+in a "primary endpoint down" window, where the replica answers. Every answer must arrive within
+RequestTimeoutMs + 0.5 s.
 
 With `--files N` the agent also renders N secrets to files (`[[Files]]`: whole value, JSON key or
 template, Mode 0640), rotated every `--file-rotate-every` seconds, while a thread reads every file
@@ -22,7 +25,8 @@ file must hold the last value, no child of the process may be a zombie, and the 
 must not have grown beyond the KMS connection pools. These runs turn the KMS fault windows off
 (their refreshes would legitimately lag) unless `--faults` is given.
 
-Exit status 1 on any wrong value, any unexpected non-200, or a transport error; else 0.
+Exit status 1 on any wrong value, any unexpected non-200, a 5xx while only the primary is down, an
+answer later than RequestTimeoutMs + 0.5 s, or a transport error; else 0.
 Logs go to a file (--log), the summary to stdout.
 """
 
@@ -59,11 +63,14 @@ TOKEN = "soak-token-Vq3n8Rk2"
 AK_ID, AK_SECRET = "LTAIsoakAccessKey01", "soak-AccessKeySecret-Wm4z"
 TTL = 30
 CONNECT_TIMEOUT_MS, READ_TIMEOUT_MS, MAX_RETRIES = 500, 1000, 2
+REQUEST_TIMEOUT_MS = 3000
+#: An answer may take RequestTimeoutMs plus this long (the agent's own work, the HTTP exchange).
+ANSWER_SLACK = 0.5
 #: Seconds a fresh (hit/miss) answer may lag a rotation beyond TtlSeconds: the load's own duration.
 MARGIN = 2.0
 #: STS credentials from the metadata emulator live this long and are renewed this long before expiry.
 STS_LIFETIME, RENEW_BEFORE = 60, 40
-KINDS = ("kms_500", "kms_503", "throttling", "dropped", "slow", "metadata_outage")
+KINDS = ("kms_500", "kms_503", "throttling", "dropped", "slow", "primary_down", "metadata_outage")
 #: [[Files]] Mode, and the Env secret of the --exec child.
 FILE_MODE = 0o640
 ENV_SECRET = "soak/env"
@@ -146,6 +153,7 @@ class Stats:
     stale_in: int = 0
     stale_out: int = 0
     stale_older_than_ttl: int = 0
+    too_slow: int = 0  # answers later than RequestTimeoutMs + ANSWER_SLACK
     rotations: int = 0
     created: int = 0
     latencies: array.array = field(default_factory=lambda: array.array("f"))
@@ -342,8 +350,9 @@ class Soak:
         attempt = (CONNECT_TIMEOUT_MS + READ_TIMEOUT_MS) / 1000
         backoff = sum(0.2 * 2**n for n in range(MAX_RETRIES))
         #: After a window closes, how long a KMS call begun inside it may still fail: every try,
-        #: every back-off, and one more attempt's worth for the queue of MaxConcurrentRequests.
-        self.grace = (MAX_RETRIES + 2) * attempt + backoff + 1.0
+        #: every back-off, one try at the fallback endpoint, and one more attempt's worth for the
+        #: queue of MaxConcurrentRequests.
+        self.grace = (MAX_RETRIES + 3) * attempt + backoff + 1.0
         self.credentials = None
         self.extra = FilesAndExec(self, args.files, args.exec) if args.files or args.exec else None
         self.faults = args.faults if args.faults is not None else self.extra is None
@@ -379,10 +388,14 @@ class Soak:
     def kinds(self) -> list[str]:
         return [kind for kind in KINDS if kind != "metadata_outage" or self.metadata is not None]
 
-    def _switch(self, kind: str, on: bool) -> None:
+    async def _switch(self, kind: str, on: bool) -> None:
         if kind == "metadata_outage":
             assert self.metadata is not None
             self.metadata.outage = on
+            return
+        if kind == "primary_down":
+            assert self.kms.endpoint is not None
+            await (self.kms.take_down if on else self.kms.bring_up)(self.kms.endpoint)
             return
         if not on:
             self.kms.clear_faults()
@@ -398,9 +411,10 @@ class Soak:
 
     async def faults_on_schedule(self, start: float, end: float) -> None:
         """Windows of `length` s separated by healthy gaps of 1.5 × length, kinds in turn."""
-        length = min(20.0, max(3.0, self.duration / 16.5))  # a 60 s run fits one window of each kind
-        gap = 1.5 * length
         kinds = self.kinds()
+        # A run fits one window of each kind: a first gap, then (window + gap) per kind.
+        length = min(20.0, max(3.0, self.duration / (2.5 * len(kinds) + 1.5)))
+        gap = 1.5 * length
         at = start + gap
         turn = 0
         while at + length + gap / 2 <= end:
@@ -408,9 +422,9 @@ class Soak:
             kind = kinds[turn % len(kinds)]
             window = Window(kind, trio.current_time(), float("inf"))
             self.windows.append(window)
-            self._switch(kind, True)
+            await self._switch(kind, True)
             await trio.sleep(length)
-            self._switch(kind, False)
+            await self._switch(kind, False)
             window.end = trio.current_time()
             at += length + gap
             turn += 1
@@ -460,6 +474,10 @@ class Soak:
         stats = self.stats
         stats.requests += 1
         stats.latencies.append(ended - started)
+        if ended - started > REQUEST_TIMEOUT_MS / 1000 + ANSWER_SLACK:
+            stats.too_slow += 1
+            if len(stats.wrong_examples) < 10:
+                stats.wrong_examples.append(f"{status} for {name} at {started - self.t0:.1f}s took {ended - started:.2f}s")
         window = self._window_of(started, ended)
         if window is not None:
             window.requests += 1
@@ -548,6 +566,7 @@ class Soak:
             self.extra.put_all()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.kms.serve)
+            await nursery.start(self.kms.serve)  # the replica: FallbackEndpoints
             if self.metadata is not None:
                 await nursery.start(self.metadata.serve)
                 credentials_config = CredentialsConfig(
@@ -557,7 +576,7 @@ class Soak:
             else:
                 self.credentials = StaticCredentials(Credentials(AK_ID, AK_SECRET), "soak")
             config = Config(
-                server=ServerConfig(http_port=0),
+                server=ServerConfig(http_port=0, request_timeout_ms=REQUEST_TIMEOUT_MS),
                 cache=CacheConfig(ttl_seconds=TTL, max_stale_seconds=0),
                 kms=KmsConfig(
                     endpoint=self.kms.endpoint,
@@ -565,6 +584,7 @@ class Soak:
                     connect_timeout_ms=CONNECT_TIMEOUT_MS,
                     read_timeout_ms=READ_TIMEOUT_MS,
                     max_retries=MAX_RETRIES,
+                    fallback_endpoints=(self.kms.endpoints[1],),
                 ),
                 credentials=CredentialsConfig(type="ecs_ram_role" if self.metadata else "access_key"),
             )
@@ -664,7 +684,18 @@ class Soak:
         unexpected = sum(s.errors_out.values())
         five_in = sum(n for status, n in s.errors_in.items() if status >= 500)
         five_out = sum(n for status, n in s.errors_out.items() if status >= 500)
-        failed = s.wrong > 0 or unexpected > 0 or s.transport_errors > 0 or open_at_end != 1
+        primary_down = [w for w in self.windows if w.kind == "primary_down"]
+        down_errors = sum(w.errors for w in primary_down)
+        replica = self.kms.endpoints[1]
+        at_replica = sum(1 for call in calls if call.endpoint == replica)
+        failed = (
+            s.wrong > 0
+            or unexpected > 0
+            or s.transport_errors > 0
+            or open_at_end != 1
+            or s.too_slow > 0
+            or down_errors > 0
+        )
         renewals = "-"
         if self.metadata is not None:
             fetches = self.credentials.fetches
@@ -672,11 +703,15 @@ class Soak:
         lines = [
             f"kmsagent soak {time.strftime('%Y-%m-%d %H:%M')}: {self.elapsed:.0f}s real clock, "
             f"{self.args.secrets} secrets (+{s.created} created), {self.args.clients} clients, "
-            f"TTL {TTL}s, MaxStale 0, ReadTimeout {READ_TIMEOUT_MS}ms, MaxRetries {MAX_RETRIES}",
+            f"TTL {TTL}s, MaxStale 0, ReadTimeout {READ_TIMEOUT_MS}ms, MaxRetries {MAX_RETRIES}, "
+            f"RequestTimeout {REQUEST_TIMEOUT_MS}ms, one FallbackEndpoint",
             f"requests served      {s.requests} ({s.requests / self.elapsed:.0f}/s; p50 {pct(0.5)}, "
             f"p99 {pct(0.99)}, max {pct(1.0)}); hit {s.by_cache['hit']}, miss {s.by_cache['miss']}, "
             f"stale {s.by_cache['stale']}",
             f"wrong values         {s.wrong}",
+            f"answers too slow     {s.too_slow} (later than RequestTimeoutMs + {ANSWER_SLACK}s)",
+            f"primary down         {len(primary_down)} windows: {sum(w.requests for w in primary_down)} requests, "
+            f"{down_errors} non-200; {at_replica} KMS calls served by the replica in the whole run",
             f"5xx outside windows  {five_out} (grace {self.grace:.1f}s after each window; "
             f"{self.outside_seconds():.0f}s of the run were outside)",
             f"5xx inside windows   {five_in}{by_status(s.errors_in, True)}",

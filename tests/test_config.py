@@ -438,7 +438,9 @@ def test_section_must_be_a_table() -> None:
 @pytest.mark.parametrize("key", ["Foo", "cachesize", "TTLSeconds"])
 def test_unknown_key(key: str) -> None:
     message = error_for({"Cache": {"TtlSeconds": 1, key: 1}})
-    assert message == f"[Cache] {key}: unknown key (allowed: CacheSize, TtlSeconds, MaxStaleSeconds, Prefetch)"
+    assert message == (
+        f"[Cache] {key}: unknown key (allowed: CacheSize, TtlSeconds, MaxStaleSeconds, Prefetch, NotFoundTtlSeconds)"
+    )
 
 
 def test_unknown_quoted_name_stays_on_one_line() -> None:

@@ -15,7 +15,8 @@ from conftest import AK_ID, AK_SECRET, SECRETS, agent_config
 from kmsagent.credentials import Credentials, StaticCredentials
 from kmsagent.emulator import Fault, KmsEmulator
 from kmsagent.errors import KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
-from kmsagent.kms import MAX_ANSWER_BYTES, KmsClient, _backoff
+from kmsagent.kms import MAX_ANSWER_BYTES, KmsClient
+from kmsagent.kms.client import _backoff
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ async def run_agent(
     With an `[Exec]` child, the agent also stops when the child ends,
     and `on_exit_status` receives the child's status (the agent's exit status, SPEC §9).
     """
-    logger.info("credentials: {}; KMS endpoint {}", credentials.kind, config.kms.effective_endpoint)
+    logger.info("credentials: {}; KMS endpoint {}", credentials.kind, ", then ".join(config.kms.endpoints))
     metrics = Metrics()
     kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
     async with kms_client as kms, trio.open_nursery() as nursery:
@@ -75,8 +75,21 @@ async def run_agent(
         formatter = response_format(
             config.server.response_type, region=config.kms.region, lease_seconds=lambda: cache.ttl
         )
-        store = SecretStore(cache, kms, formatter, clock=clock)
-        refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
+        store = SecretStore(
+            cache,
+            kms,
+            formatter,
+            clock=clock,
+            request_timeout=config.server.request_timeout_ms / 1000,
+            not_found_ttl=config.cache.not_found_ttl_seconds,
+        )
+        refresher = Refresher(
+            cache,
+            max_in_flight=config.kms.max_concurrent_requests,
+            rotation_due=store.rotation_due,
+            batch_group=store.batch_group,
+            load_batch=store.load_batch,
+        )
         app = AgentApp(config=config.server, token=token, store=store, response_format=formatter, metrics=metrics)
         server = HttpServer(
             app,
@@ -89,6 +102,9 @@ async def run_agent(
         metrics.watch("kmsagent_cache_entries", "Secrets in the cache.", lambda: len(cache))
         metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)
         metrics.watch("kmsagent_refreshes", "Background refreshes started.", lambda: refresher.started, counter=True)
+        metrics.watch(
+            "kmsagent_refresh_batches", "Batched refreshes started (BatchGetSecretValue).", lambda: refresher.batches, counter=True
+        )
         metrics.watch("kmsagent_connections_open", "HTTP connections open.", lambda: server.slots.open)
         metrics.watch("kmsagent_log_lines_dropped", "Log lines a sink dropped: it could not keep up.", dropped_lines, counter=True)
         metrics.watch(

@@ -20,14 +20,21 @@ KMS calls and kept a fresh miss waiting 16.8 s. A load that already talks to KMS
 fills the cache; background refreshes and prefetches (`keep_loading`) are never abandoned, nor
 is a load one of whose readers gave up on its own deadline (SPEC §5: a request that times out
 leaves its load going, to fill the cache for the next read).
+
+A reader waits for a load until its `deadline` at most (RequestTimeoutMs): then it gets the last
+value as stale when the stale rules allow, else `WaitTimedOut`. Several entries can be reloaded
+by one load (`refresh_batch`: one BatchGetSecretValue call for up to 20 secrets); each keeps its
+own flight, so readers of one key still join the load under way, and a key the batch did not
+answer is loaded by itself.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -38,6 +45,8 @@ import trio
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 Load = Callable[[], Awaitable[V]]
+#: Loads several keys at once; reports each key's answer to the `Batch` it is given.
+BatchLoad = Callable[["Batch[K, V]"], Awaitable[None]]
 #: After a transient failure the key is not tried again for this long (doubling, capped):
 #: readers get the stale value meanwhile, so KMS load does not grow with the number of readers.
 RETRY_BASE, RETRY_CAP = 1.0, 60.0
@@ -139,6 +148,53 @@ class LoadCancelled(Exception):
     """The load that a reader waited on was cancelled (the agent is shutting down, or nobody waited)."""
 
 
+class WaitTimedOut(Exception):
+    """A reader's deadline passed before the load ended, with no value the stale rules allow.
+
+    The load goes on and fills the cache for the next read.
+    """
+
+
+class Batch(Generic[K, V]):
+    """The keys of one batched reload; the batch's load reports each key's answer here.
+
+    An answer lands at once (its readers are answered then, not when the whole batch ends). A
+    key with no answer when the batch's load returns or raises is loaded by itself.
+    """
+
+    def __init__(self, cache: SecretCache[K, V], flights: dict[K, tuple[_Flight[K, V], Load[V]]]) -> None:
+        self._cache = cache
+        self._pending = flights
+        self._started = trio.current_time()
+        self.keys: list[K] = list(flights)
+
+    def loaded(self, key: K, value: V) -> None:
+        """`key`'s new value (a value the cache does not take is released at once)."""
+        item = self._pending.pop(key, None)
+        if item is None:
+            self._cache.released(value)
+            return
+        flight, load = item
+        flight.value = value
+        self._cache._store(key, value, load, trio.current_time() - self._started)
+        self._cache._landed(key, flight)
+
+    def failed(self, key: K, error: Exception) -> None:
+        """`key`'s own failure: transient or final by the cache's `is_transient`, as for a single load."""
+        item = self._pending.pop(key, None)
+        if item is None:
+            return
+        flight, _ = item
+        flight.error = error
+        self._cache._failed(key, error)
+        self._cache._landed(key, flight)
+
+    def unanswered(self) -> dict[K, tuple[_Flight[K, V], Load[V]]]:
+        """The keys still without an answer, taken: answers for them are no longer accepted."""
+        pending, self._pending = self._pending, {}
+        return pending
+
+
 class SecretCache(Generic[K, V]):
     """LRU at `max_entries`, fresh for `ttl` seconds after a load, one load per key at a time.
 
@@ -203,7 +259,13 @@ class SecretCache(Generic[K, V]):
         return self._entries.get(key)
 
     async def get(
-        self, key: K, load: Load[V], *, refresh: bool = False, keep_loading: bool = False
+        self,
+        key: K,
+        load: Load[V],
+        *,
+        refresh: bool = False,
+        keep_loading: bool = False,
+        deadline: float = math.inf,
     ) -> tuple[V, Outcome]:
         """The value for `key`: from the cache while fresh, else from `load` (joined if running).
 
@@ -211,7 +273,9 @@ class SecretCache(Generic[K, V]):
         last value as `Outcome.STALE` when it is within `max_stale` of its expiry; any other
         failure is raised to every waiting reader. A load this read starts or joins is
         abandoned when every reader hung up while it is queued, unless `keep_loading` (a
-        prefetch: its value is wanted whoever waits).
+        prefetch: its value is wanted whoever waits). At `deadline` (trio time) the read stops
+        waiting: the last value as `Outcome.STALE` if the same rules allow, else `WaitTimedOut`;
+        the load goes on.
         """
         now = trio.current_time()
         entry = self._entries.get(key)
@@ -224,7 +288,13 @@ class SecretCache(Generic[K, V]):
             if backing_off and not refresh and self._stale_allowed(entry, now):
                 return entry.value, Outcome.STALE  # KMS failed moments ago: not asked again yet
         flight = self._start(key, load, abandonable=not keep_loading)
-        await self._wait(flight)
+        with trio.move_on_at(deadline):
+            await self._wait(flight)
+        if not flight.done.is_set():  # the deadline passed; `_wait` left the load going
+            stale = self._entries.get(key)
+            if stale is not None and self._stale_allowed(stale, trio.current_time()):
+                return stale.value, Outcome.STALE
+            raise WaitTimedOut(f"no answer for {key!r} before the read's deadline")
         if flight.error is None:
             return flight.value, Outcome.MISS  # type: ignore[return-value]
         stale = self._entries.get(key)
@@ -274,6 +344,51 @@ class SecretCache(Generic[K, V]):
             return None
         return self._start(key, entry.load, abandonable=False).done
 
+    def refresh_batch(self, entries: Sequence[tuple[K, Entry[V]]], load_batch: BatchLoad[K, V]) -> trio.Event | None:
+        """Starts one background reload of several entries, each still the cached one.
+
+        `load_batch` gets a `Batch` of the keys and reports each answer to it. An entry no longer
+        cached is left out; so is one already loading (that load is its refresh, as in
+        `refresh`). Returns the event set once every key's load has ended (the refresher holds
+        one slot for the batch until then), or None when nothing was started.
+        """
+        flights: dict[K, tuple[_Flight[K, V], Load[V]]] = {}
+        for key, entry in entries:
+            if self._entries.get(key) is not entry or key in flights:
+                continue
+            running = self._flights.get(key)
+            if running is not None:
+                running.abandonable = False
+                continue
+            flight = self._flights[key] = _Flight(key, self._flights)
+            flights[key] = (flight, entry.load)
+        if not flights:
+            return None
+        done = trio.Event()
+        self._loads.start_soon(self._fly_batch, Batch(self, flights), load_batch, done)
+        return done
+
+    async def _fly_batch(self, batch: Batch[K, V], load_batch: BatchLoad[K, V], done: trio.Event) -> None:
+        try:
+            try:
+                await load_batch(batch)
+            except Exception:  # noqa: S110 - a whole-batch failure is no key's answer: loaded one by one below
+                pass
+            async with trio.open_nursery() as singles:
+                for key, (flight, load) in batch.unanswered().items():
+                    singles.start_soon(self._fly, key, load, flight)
+        finally:
+            for key, (flight, _) in batch.unanswered().items():  # cancelled before an answer
+                flight.error = LoadCancelled(f"load of {key!r} was cancelled")
+                self._landed(key, flight)
+            done.set()
+
+    def _landed(self, key: K, flight: _Flight[K, V]) -> None:
+        """`flight` has ended: new readers start a new load, its readers are answered."""
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.done.set()
+
     def _stale_allowed(self, entry: Entry[V], now: float) -> bool:
         if not self._serve_stale:
             return False
@@ -306,9 +421,7 @@ class SecretCache(Generic[K, V]):
             else:
                 self._store(key, flight.value, load, trio.current_time() - started)  # type: ignore[arg-type]
         finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-            flight.done.set()
+            self._landed(key, flight)
 
     def _failed(self, key: K, error: Exception) -> None:
         entry = self._entries.get(key)

@@ -45,6 +45,7 @@ class ServerConfig:
     unix_socket: str = ""
     unix_socket_mode: str = "0660"
     unix_socket_group: str = ""
+    request_timeout_ms: int = 30000
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class CacheConfig:
     ttl_seconds: int = 300
     max_stale_seconds: int = 0
     prefetch: tuple[str, ...] = ()
+    not_found_ttl_seconds: int = 5
 
 
 @dataclass(frozen=True)
@@ -65,11 +67,18 @@ class KmsConfig:
     read_timeout_ms: int = 5000
     max_retries: int = 3
     max_concurrent_requests: int = 8
+    fallback_endpoints: tuple[str, ...] = ()
+    batch_refresh: bool = True
 
     @property
     def effective_endpoint(self) -> str:
         """`Endpoint`, or the shared gateway of `Region` when it is empty."""
         return self.endpoint or f"kms.{self.region}.aliyuncs.com"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every endpoint in the order they are tried: the primary, then `FallbackEndpoints`."""
+        return (self.effective_endpoint, *self.fallback_endpoints)
 
 
 @dataclass(frozen=True)
@@ -476,6 +485,22 @@ _ca_file_path = _text(
     'must be "" or the path of an existing, readable file',
     lambda path: path == "" or _is_readable_file(path),
 )
+#: Replicas beyond this would only lengthen a failing call: each is tried once per call.
+MAX_FALLBACK_ENDPOINTS = 5
+_endpoint_list = _list_of(
+    f"must be a list of at most {MAX_FALLBACK_ENDPOINTS} distinct host[:port] (no scheme or path; IPv6 in brackets)",
+    lambda text: _authority_host(text) is not None,
+    non_empty=False,
+    unique_nocase=True,
+)
+
+
+def _fallback_endpoints(value: Any) -> tuple[str, ...]:
+    endpoints = _endpoint_list(value)
+    if len(endpoints) > MAX_FALLBACK_ENDPOINTS:
+        raise _Invalid(f"must be a list of at most {MAX_FALLBACK_ENDPOINTS} distinct host[:port]")
+    return endpoints
+
 _role_name = _text(
     'must be "" (discover it) or a RAM role name of 1..64 characters [A-Za-z0-9._@-]',
     lambda name: name == "" or _ROLE_NAME.fullmatch(name),
@@ -595,10 +620,12 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Server", "UnixSocket", "unix_socket", _unix_socket),
     _Key("Server", "UnixSocketMode", "unix_socket_mode", _unix_socket_mode),
     _Key("Server", "UnixSocketGroup", "unix_socket_group", _unix_socket_group),
+    _Key("Server", "RequestTimeoutMs", "request_timeout_ms", _int_in(1000, 120_000)),
     _Key("Cache", "CacheSize", "cache_size", _int_in(1, 1000)),
     _Key("Cache", "TtlSeconds", "ttl_seconds", _int_in(0, 3600)),
     _Key("Cache", "MaxStaleSeconds", "max_stale_seconds", _int_in(0, 31_536_000)),
     _Key("Cache", "Prefetch", "prefetch", _prefetch),
+    _Key("Cache", "NotFoundTtlSeconds", "not_found_ttl_seconds", _int_in(0, 300)),
     _Key("KMS", "Region", "region", _region),
     _Key("KMS", "Endpoint", "endpoint", _endpoint),
     _Key("KMS", "Protocol", "protocol", _one_of("https", "http")),
@@ -607,6 +634,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("KMS", "ReadTimeoutMs", "read_timeout_ms", _int_in(1, 300_000)),
     _Key("KMS", "MaxRetries", "max_retries", _int_in(0, 10)),
     _Key("KMS", "MaxConcurrentRequests", "max_concurrent_requests", _int_in(1, 100)),
+    _Key("KMS", "FallbackEndpoints", "fallback_endpoints", _fallback_endpoints),
+    _Key("KMS", "BatchRefresh", "batch_refresh", _bool),
     _Key("Credentials", "Type", "type", _credentials_type),
     _Key("Credentials", "RoleName", "role_name", _role_name),
     _Key("Credentials", "MetadataEndpoint", "metadata_endpoint", _metadata_endpoint),
@@ -645,6 +674,17 @@ def _check_protocol(kms: KmsConfig) -> None:
         raise ConfigError(
             f'[KMS] Protocol = {_show(kms.protocol)}: must be "https" unless Endpoint is a loopback '
             f"host (127.0.0.0/8, [::1] or localhost); Endpoint = {_show(kms.endpoint)}"
+        )
+    for fallback in kms.fallback_endpoints:
+        if kms.protocol == "http" and not _is_loopback(_authority_host(fallback) or ""):
+            raise ConfigError(
+                f'[KMS] FallbackEndpoints = {_show(list(kms.fallback_endpoints))}: with Protocol = "http" '
+                f"every one must be a loopback host (127.0.0.0/8, [::1] or localhost); {_show(fallback)} is not"
+            )
+    if kms.effective_endpoint.lower() in (fallback.lower() for fallback in kms.fallback_endpoints):
+        raise ConfigError(
+            f"[KMS] FallbackEndpoints = {_show(list(kms.fallback_endpoints))}: must not repeat the primary "
+            f"endpoint {_show(kms.effective_endpoint)}"
         )
 
 

@@ -1,10 +1,13 @@
-"""Errors that end a request with SPEC §3's status and Code.
+"""Errors that end a request with SPEC §3's status and Code, and the one rule of what is transient.
 
 Messages are shown to clients and written to logs, so they are built only from names, codes and
 KMS's own message text: never from a secret value, a credential or the SSRF token.
 """
 
 from __future__ import annotations
+
+THROTTLING = "Rejected.Throttling"
+NOT_FOUND = "Forbidden.ResourceNotFound"
 
 
 class AgentError(Exception):
@@ -27,8 +30,7 @@ class KmsError(AgentError):
 
     @property
     def is_transient(self) -> bool:
-        """5xx and throttling: the secret may still be fine, KMS just could not answer now."""
-        return self.kms_status >= 500 or self.code == "Rejected.Throttling"
+        return is_transient(self)
 
 
 class UpstreamUnavailable(AgentError):
@@ -39,14 +41,20 @@ class UpstreamUnavailable(AgentError):
 
 
 class UpstreamTimeout(AgentError):
-    """KMS did not answer within ReadTimeoutMs on any attempt."""
+    """KMS did not answer within ReadTimeoutMs on any attempt, or within the request's RequestTimeoutMs."""
 
     def __init__(self, message: str) -> None:
         super().__init__(504, "UpstreamTimeout", message)
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for failures that say nothing about the secret itself (outage, timeout, throttling)."""
+    """SPEC §5's one list, used by retries, stale serving, endpoint fallback and batching.
+
+    Transient: connection refused or reset, name resolution and TLS failures, timeouts, malformed
+    answers and HTTP 3xx (all `UpstreamUnavailable` or `UpstreamTimeout`), KMS 5xx and
+    `Rejected.Throttling`: the secret may be fine, KMS (or this endpoint) could not answer now.
+    Every other KMS 4xx is final: it is the secret's answer (deleted, no permission).
+    """
     if isinstance(error, KmsError):
-        return error.is_transient
+        return error.kms_status >= 500 or not 400 <= error.kms_status < 500 or error.code == THROTTLING
     return isinstance(error, (UpstreamUnavailable, UpstreamTimeout))

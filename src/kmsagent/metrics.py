@@ -1,6 +1,7 @@
 """Prometheus metrics for `GET /metrics`, with prometheus-client and a registry per agent.
 
-Labels are routes, statuses and outcomes only: never a secret name, a value or a credential.
+Labels are routes, statuses, outcomes and configured KMS endpoints only: never a secret name, a
+value or a credential.
 Counts that other parts keep anyway (cache entries, evictions, refreshes, open connections,
 credential expiry) are read when scraped, so the hot path pays for nothing it does not already do.
 """
@@ -36,7 +37,13 @@ class Metrics:
             "kmsagent_cache_results", "Secret reads by how the cache answered them.", ["outcome"], registry=self.registry
         )
         self.kms_requests = Counter(
-            "kmsagent_kms_requests", "GetSecretValue calls to KMS (each try), by outcome.", ["outcome"], registry=self.registry
+            "kmsagent_kms_requests", "Calls to KMS (each try), by outcome.", ["outcome"], registry=self.registry
+        )
+        self.kms_calls = Counter(
+            "kmsagent_kms_calls",
+            "Calls to KMS (each try), by endpoint, action and outcome.",
+            ["endpoint", "action", "outcome"],
+            registry=self.registry,
         )
         self.kms_latency = Histogram(
             "kmsagent_kms_request_duration_seconds",
@@ -59,8 +66,10 @@ class Metrics:
         for outcome in KMS_OUTCOMES:
             self.kms_requests.labels(outcome)
 
-    def observe_kms(self, outcome: str, seconds: float) -> None:
+    def observe_kms(self, endpoint: str, action: str, outcome: str, seconds: float) -> None:
+        """One KMS try; `endpoint` is a configured host[:port] (a bounded set, never a secret)."""
         self.kms_requests.labels(outcome).inc()
+        self.kms_calls.labels(endpoint, action, outcome).inc()
         self.kms_latency.observe(seconds)
 
     def observe_file_write(self, outcome: str) -> None:

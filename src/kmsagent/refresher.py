@@ -14,6 +14,14 @@ Refreshes are paced by calls in flight, not by starts per second: at most `max_i
 throughput follows KMS latency (8 in flight at 100 ms give 80 refreshes/s). Pacing at 8 starts
 per second let 60 hot secrets with a 5 s TTL fall behind: 170–334 misses in 15 s.
 
+Batching (BatchRefresh, SPEC §5): when a key falls due and may be batched (`batch_group`: the
+credentials its refresh is signed with, or None), the keys of the same group that fall due
+within the next few seconds (`BATCH_WINDOW`: 5 % of the TTL, at most 5 s) join it, up to 20, in
+one reload through `load_batch` holding one slot. Keys only ever join early: no refresh happens
+later than it would alone, so none is moved past its entry's expiry. Entries refreshed together
+share their next refresh window, so batches fill up: 1,000 hot secrets with a 60 s TTL cost 53
+calls per window (mean of windows 1-9, at most 55) instead of 1,038 (scripts/bench freshness).
+
 The schedule holds keys, not entries, and one item per key: a key's newer refresh point replaces
 its older one (stale heap items are skipped, and dropped whenever they outnumber the live ones),
 and an evicted key leaves it. Its size is O(entries in the cache); it used to keep every replaced
@@ -31,7 +39,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from kmsagent.cache import Entry, SecretCache
+from kmsagent.cache import BatchLoad, Entry, SecretCache
 
 K = TypeVar("K", bound=Hashable)
 #: Where in the TTL window the first refresh point falls, uniformly (a third of the window wide).
@@ -42,6 +50,10 @@ LATER_REFRESH_LEAD = (0.02, 0.05)
 ROTATION_DELAY = (1.0, 5.0)
 #: Stale heap items tolerated beyond the live ones before the heap is rebuilt.
 STALE_SLACK = 64
+#: How far ahead keys that fall due join a batch: this share of the TTL, at most this many seconds.
+BATCH_WINDOW = (0.05, 5.0)
+#: Keys per batch (BatchGetSecretValue's limit).
+BATCH_SIZE = 20
 
 
 class Refresher(Generic[K]):
@@ -53,18 +65,26 @@ class Refresher(Generic[K]):
         *,
         max_in_flight: int,
         rotation_due: Callable[[Any], float | None] = lambda value: None,
+        batch_group: Callable[[K], Hashable | None] = lambda key: None,
+        load_batch: BatchLoad[K, Any] | None = None,
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         self._cache = cache
         self._slots = trio.Semaphore(max_in_flight)
         self._rotation_due = rotation_due
+        self._batch_group = batch_group
+        self._load_batch = load_batch
+        self._batch_size = batch_size
         #: Each scheduled key's one live item: (due time, sequence number).
         self._due: dict[K, tuple[float, int]] = {}
         #: Min-heap of (due time, sequence number, key); an item not in `_due` is stale.
         self._schedule: list[tuple[float, int, K]] = []
         self._order = itertools.count()
         self._wake = trio.Event()
-        #: Background refreshes started so far.
+        #: Background refreshes started so far (each key of a batch counts).
         self.started = 0
+        #: Batched refreshes started so far (one KMS call each, unless the batch fails).
+        self.batches = 0
         cache.policy = self
 
     def loaded(self, key: K, entry: Entry[Any]) -> None:
@@ -112,12 +132,47 @@ class Refresher(Generic[K]):
                         entry.refresh_due = True
                         continue
                     await self._slots.acquire()
-                    done = self._cache.refresh(key, entry)  # None if reloaded or evicted meanwhile
+                    group = self._batch_group(key) if self._load_batch is not None else None
+                    companions = self._companions(entry, group) if group is not None else []
+                    if companions:
+                        assert self._load_batch is not None
+                        done = self._cache.refresh_batch([(key, entry), *companions], self._load_batch)
+                        count = 1 + len(companions)
+                    else:
+                        done = self._cache.refresh(key, entry)  # None if reloaded or evicted meanwhile
+                        count = 1
                     if done is None:
                         self._slots.release()
                         continue
-                    self.started += 1
+                    self.started += count
+                    if count > 1:
+                        self.batches += 1
                     holders.start_soon(self._hold_slot, done)
+
+    def _companions(self, first: Entry[Any], group: Hashable) -> list[tuple[K, Entry[Any]]]:
+        """Read keys of `group` due within the batch window from now, taken off the schedule.
+
+        A key joins before its own refresh point: joining moves a refresh earlier, never later.
+        Keys in that stretch that cannot join (unread, another group) keep their items.
+        """
+        window = first.expires_at - first.loaded_at
+        horizon = trio.current_time() + min(window * BATCH_WINDOW[0], BATCH_WINDOW[1])
+        taken: list[tuple[K, Entry[Any]]] = []
+        passed: list[tuple[float, int, K]] = []
+        while self._schedule and self._schedule[0][0] <= horizon and len(taken) < self._batch_size - 1:
+            item = heapq.heappop(self._schedule)
+            if not self._live(item):
+                continue
+            key = item[2]
+            entry = self._cache.peek(key)
+            if entry is None or not entry.read or self._batch_group(key) != group:
+                passed.append(item)  # the run loop deals with it when it falls due
+                continue
+            del self._due[key]
+            taken.append((key, entry))
+        for item in passed:
+            heapq.heappush(self._schedule, item)
+        return taken
 
     async def _hold_slot(self, done: trio.Event) -> None:
         try:

@@ -2,13 +2,23 @@
 
 The store is where the cache and the KMS client meet: a load waits for its KMS slot inside the
 cache's `queued()` (a miss whose clients all hung up leaves the queue there), and each value is
-guarded for log redaction from its load until the cache lets go of it.
+guarded for log redaction from its load until the cache lets go of it. Three rules of SPEC §5
+live here because they need both sides:
+
+- a request waits at most RequestTimeoutMs for KMS (`get`'s deadline), then is served stale or
+  answered 504, while the load goes on for the next read;
+- `Forbidden.ResourceNotFound` is remembered per key for NotFoundTtlSeconds: a program looping on
+  a misspelled name costs KMS one call per NotFoundTtlSeconds, not one per read;
+- batched refreshes: which keys may share a BatchGetSecretValue call (`batch_group`: ACSCurrent
+  entries signed with the same credentials) and how a batch's answers reach the cache (`load_batch`).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -16,12 +26,19 @@ import trio
 from loguru import logger
 
 from kmsagent import redact
-from kmsagent.cache import Outcome, SecretCache, queued
+from kmsagent.cache import Batch, Outcome, SecretCache, WaitTimedOut, queued
 from kmsagent.checks import DEFAULT_STAGE, SecretQuery
-from kmsagent.errors import AgentError
+from kmsagent.errors import NOT_FOUND, AgentError, KmsError, UpstreamTimeout
 from kmsagent.formats import ResponseFormat
 from kmsagent.kms import KmsClient, SecretValue
 
+Key = tuple[str, str, str]
+#: The batch group of keys signed with the agent's own credentials. Per-request roles (SPEC §6)
+#: will give each role's keys the role as their group: batches never mix credentials.
+AGENT_CREDENTIALS = "agent"
+#: Not-found answers remembered at most (oldest forgotten first); a bound on what a client
+#: asking for random names can make the agent keep.
+NOT_FOUND_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -37,11 +54,13 @@ class SecretStore:
 
     def __init__(
         self,
-        cache: SecretCache[tuple[str, str, str], CachedSecret],
+        cache: SecretCache[Key, CachedSecret],
         kms: KmsClient,
         response_format: ResponseFormat,
         *,
         clock: Callable[[], float] = time.time,
+        request_timeout: float = math.inf,
+        not_found_ttl: float = 0.0,
     ) -> None:
         self.cache = cache
         cache.released = self._released
@@ -49,24 +68,49 @@ class SecretStore:
         self._format = response_format
         self._clock = clock
         self._next_load: dict[tuple[str, str, str], trio.Event] = {}
+        self._request_timeout = request_timeout
+        self._not_found_ttl = not_found_ttl
+        #: key -> (until when, KMS's code and message) of a remembered not-found answer.
+        self._not_found: OrderedDict[Key, tuple[float, str]] = OrderedDict()
 
-    async def get(self, query: SecretQuery, *, keep_loading: bool = False) -> tuple[CachedSecret, Outcome]:
-        """The secret for `query`; `keep_loading`: its load goes on even if this read gives up."""
+    async def get(
+        self, query: SecretQuery, *, keep_loading: bool = False, deadline: float | None = None
+    ) -> tuple[CachedSecret, Outcome]:
+        """The secret for `query`; `keep_loading`: its load goes on even if this read gives up.
+
+        The read waits for KMS until `deadline` (trio time; default RequestTimeoutMs from now):
+        then the cached value if the stale rules allow, else 504 UpstreamTimeout.
+        """
+        key = query.cache_key
+        if not query.refresh:
+            self._raise_if_not_found(key)
 
         async def load() -> CachedSecret:
             try:
                 secret = await self._kms.get_secret_value(
                     query.secret_id, version_id=query.version_id, version_stage=query.version_stage, queued=queued
                 )
-                cached = CachedSecret(secret, self._format.secret(secret))
-                redact.hold_secret(secret.data)  # until `_released`: the cache sees every value once
-                return cached
+            except KmsError as error:
+                self._note_not_found(key, error)
+                raise
             finally:
-                loaded = self._next_load.pop(query.cache_key, None)
-                if loaded is not None:
-                    loaded.set()
+                self._load_ended(key)
+            return self._hold(key, secret)
 
-        return await self.cache.get(query.cache_key, load, refresh=query.refresh, keep_loading=keep_loading)
+        if deadline is None:
+            deadline = trio.current_time() + self._request_timeout
+        try:
+            return await self.cache.get(key, load, refresh=query.refresh, keep_loading=keep_loading, deadline=deadline)
+        except WaitTimedOut:
+            waited = f"{self._request_timeout * 1000:.0f} ms" if math.isfinite(self._request_timeout) else "its deadline"
+            raise UpstreamTimeout(f"KMS did not answer within RequestTimeoutMs ({waited})") from None
+
+    def _hold(self, key: Key, secret: SecretValue) -> CachedSecret:
+        """The cache's form of a value KMS answered; guarded until `_released` (the cache sees it once)."""
+        self._not_found.pop(key, None)
+        cached = CachedSecret(secret, self._format.secret(secret))
+        redact.hold_secret(secret.data)
+        return cached
 
     @staticmethod
     def _released(cached: CachedSecret) -> None:
@@ -77,6 +121,64 @@ class SecretStore:
         rotation reload, a client's refreshNow, a miss): how files and a child's environment
         follow their secrets without polling. Waiters run after the cache has stored the result."""
         return self._next_load.setdefault(key, trio.Event())
+
+    def _load_ended(self, key: Key) -> None:
+        loaded = self._next_load.pop(key, None)
+        if loaded is not None:
+            loaded.set()
+
+    # --- not-found memory (NotFoundTtlSeconds) ---------------------------------------------------
+
+    def _note_not_found(self, key: Key, error: KmsError) -> None:
+        if error.code != NOT_FOUND or self._not_found_ttl <= 0:
+            return
+        self._not_found[key] = (trio.current_time() + self._not_found_ttl, error.message)
+        self._not_found.move_to_end(key)
+        while len(self._not_found) > NOT_FOUND_LIMIT:
+            self._not_found.popitem(last=False)
+
+    def _raise_if_not_found(self, key: Key) -> None:
+        remembered = self._not_found.get(key)
+        if remembered is None:
+            return
+        until, message = remembered
+        if trio.current_time() >= until:
+            del self._not_found[key]
+            return
+        raise KmsError(404, NOT_FOUND, message)  # a new one each time: a raised error keeps its traceback
+
+    # --- batched refreshes (BatchRefresh) --------------------------------------------------------
+
+    def batch_group(self, key: Key) -> Hashable | None:
+        """The credentials `key`'s refresh is signed with, when it may share a BatchGetSecretValue
+        call: an ACSCurrent entry without a VersionId, while batching is on; else None."""
+        _, version_id, version_stage = key
+        if not self._kms.batching or version_id or version_stage != DEFAULT_STAGE:
+            return None
+        return AGENT_CREDENTIALS
+
+    async def load_batch(self, batch: Batch[Key, CachedSecret]) -> None:
+        """One BatchGetSecretValue call for the batch's keys; each answer goes to the cache.
+
+        A per-secret error is that secret's answer (transient or final, SPEC §5). A failure of the
+        whole call answers none: the cache then refreshes each key with its own call.
+        """
+        names = {secret_id: (secret_id, version_id, stage) for secret_id, version_id, stage in batch.keys}
+        try:
+            answers = await self._kms.batch_get_secret_values(list(names))
+        except AgentError as error:
+            logger.debug("batched refresh of {} secrets failed ({}); refreshing them one by one", len(names), error.code)
+            return
+        for name, answer in answers.items():
+            key = names[name]
+            if isinstance(answer, KmsError):
+                self._note_not_found(key, answer)
+                batch.failed(key, answer)
+            else:
+                batch.loaded(key, self._hold(key, answer))
+            self._load_ended(key)
+
+    # --- start-up ---------------------------------------------------------------------------------
 
     async def prefetch(self, names: Sequence[str], *, wait: float) -> None:
         """Loads `names` (their ACSCurrent versions) as hot entries, waiting at most `wait` seconds.
@@ -92,7 +194,7 @@ class SecretStore:
             nonlocal loaded
             query = SecretQuery(name, "", DEFAULT_STAGE)
             try:
-                await self.get(query, keep_loading=True)
+                await self.get(query, keep_loading=True, deadline=math.inf)
             except AgentError as error:
                 logger.warning("prefetch of {!r} failed: {}: {}", name, error.code, error.message)
             else:

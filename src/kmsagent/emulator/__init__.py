@@ -2,7 +2,16 @@
 loopback, for `--dev` and tests."""
 
 from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
-from kmsagent.emulator.kms import ACS_CURRENT, ACS_PREVIOUS, CallRecord, Fault, KmsEmulator
+from kmsagent.emulator.kms import (
+    ACS_CURRENT,
+    ACS_PREVIOUS,
+    BATCH_GET_SECRET_VALUE,
+    BATCH_LIMIT,
+    GET_SECRET_VALUE,
+    CallRecord,
+    Fault,
+    KmsEmulator,
+)
 from kmsagent.emulator.metadata import IssuedCredentials, MetadataEmulator
 from kmsagent.emulator.sts import AssumeRoleCall, StsEmulator
 from kmsagent.emulator.uri import CredentialsUriEmulator
@@ -11,6 +20,9 @@ __all__ = [
     "ACS_CURRENT",
     "ACS_PREVIOUS",
     "AssumeRoleCall",
+    "BATCH_GET_SECRET_VALUE",
+    "BATCH_LIMIT",
+    "GET_SECRET_VALUE",
     "CallRecord",
     "CredentialsUriEmulator",
     "Fault",

@@ -1,4 +1,5 @@
-"""An in-process fake of KMS Secrets Manager's GetSecretValue that checks requests like KMS does.
+"""An in-process fake of KMS Secrets Manager's GetSecretValue and BatchGetSecretValue that checks
+requests like KMS does.
 
 Why a real HTTP server that verifies ACS3-HMAC-SHA256 signatures: the agent's KMS client is only
 trustworthy if the official SDK and our own client are both accepted by the same strict checks
@@ -8,11 +9,12 @@ would hide exactly the bugs that break against the real service.
 Each request goes through these steps, in this order; the first failure answers:
 
 1. Record a `CallRecord` (so injected faults never hide a call from the counters).
-2. Injected fault, if any: sleep `delay`; then `drop` (close without answering), or answer
-   `status`/`code`/`message`, or a 200 with truncated JSON (`malformed`). A delay-only fault
-   falls through to the normal checks.
-3. `x-acs-action` is GetSecretValue (else 404 `InvalidAction.NotFound`) and `x-acs-version` is
-   2016-01-20 (else 400 `InvalidVersion`).
+2. Injected fault, if any (the oldest one whose endpoint, action and secret fit the request):
+   sleep `delay`; then `drop` (close without answering), or answer `status`/`code`/`message`, or a
+   200 with truncated JSON (`malformed`). A delay-only fault falls through to the normal checks.
+3. `x-acs-action` is GetSecretValue, or BatchGetSecretValue while `batch_enabled` (else 404
+   `InvalidAction.NotFound`, what a gateway that does not know an action answers) and
+   `x-acs-version` is 2016-01-20 (else 400 `InvalidVersion`).
 4. `Authorization` parses as `ACS3-HMAC-SHA256 Credential=..,SignedHeaders=..,Signature=..`, every
    signed header is present, and `host` plus every `x-acs-*` header is signed
    (else 400 `IncompleteSignature`).
@@ -31,6 +33,16 @@ Each request goes through these steps, in this order; the first failure answers:
 11. GetSecretValue: `SecretName` given (else 400 `MissingSecretName`), the key may read it (a key
     registered with `secrets=` reads only those, as an STS role session does: else 403
     `Forbidden.NoPermission`), secret and version exist (else 404 `Forbidden.ResourceNotFound`).
+    BatchGetSecretValue (SDK 3.3.1's model): `SecretsList` is a JSON array of 1..20 objects
+    `{SecretName, VersionId?, VersionStage?, FetchExtendedConfig?}` (else 400 `MissingParameter`
+    or `InvalidParameter`); the answer is `{RequestId, SecretValues: [GetSecretValue's fields],
+    Errors: [{SecretName, Code, HttpStatus, Message}]}`: a secret that cannot be read is an entry
+    of `Errors`, the call itself succeeds. A fault injected for one secret (`secret=`) becomes
+    that secret's entry of `Errors` when it has a status.
+
+One emulator can serve the same secrets at several endpoints (call `serve` again: a replica, as
+a KMS instance replicating to another region). Faults can be aimed at one endpoint, and
+`take_down` closes an endpoint's listener (connections refused) until `bring_up`.
 
 Nothing is logged: request headers carry credentials and answers carry secret values.
 """
@@ -57,13 +69,25 @@ from alibabacloud_tea_openapi.utils import Utils
 
 from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
 
-__all__ = ["ACS_CURRENT", "ACS_PREVIOUS", "CallRecord", "Fault", "KmsEmulator"]
+__all__ = [
+    "ACS_CURRENT",
+    "ACS_PREVIOUS",
+    "BATCH_GET_SECRET_VALUE",
+    "BATCH_LIMIT",
+    "GET_SECRET_VALUE",
+    "CallRecord",
+    "Fault",
+    "KmsEmulator",
+]
 
 ACS_CURRENT = "ACSCurrent"
 ACS_PREVIOUS = "ACSPrevious"
 API_VERSION = "2016-01-20"
 SIGNATURE_ALGORITHM = "ACS3-HMAC-SHA256"
-_SUPPORTED_ACTION = "GetSecretValue"
+GET_SECRET_VALUE = "GetSecretValue"
+BATCH_GET_SECRET_VALUE = "BatchGetSecretValue"
+#: BatchGetSecretValue's documented limit of names per call.
+BATCH_LIMIT = 20
 _WINDOW_SECONDS = 15 * 60  # both the clock-skew allowance and the nonce memory of the real gateway
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _JSON_TYPE = "application/json;charset=utf-8"
@@ -96,6 +120,8 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "MissingSignatureNonce": (400, "SignatureNonce is mandatory for this action."),
     "SignatureNonceUsed": (400, "Specified signature nonce was used already."),
     "MissingSecretName": (400, "SecretName is mandatory for this action."),
+    "MissingParameter": (400, "A required parameter is missing."),
+    "InvalidParameter": (400, "The specified parameter is not valid."),
     "Forbidden.ResourceNotFound": (404, "The resource not exists."),
     "Forbidden.NoPermission": (403, "This operation is forbidden by permission system."),
 }
@@ -148,6 +174,10 @@ class CallRecord:
     status: int | None = None
     #: The emulator's `clock()` when the request arrived.
     at: float = 0.0
+    #: The endpoint (host:port) that received it.
+    endpoint: str = ""
+    #: BatchGetSecretValue: the names of its SecretsList (`secret_name` is then None).
+    secret_names: tuple[str, ...] = ()
 
 
 class _KmsError(Exception):
@@ -193,6 +223,20 @@ class _Secret:
 class _ActiveFault:
     fault: Fault
     remaining: int | None
+    endpoint: str | None = None
+    action: str | None = None
+    secret: str | None = None
+
+    def fits(self, endpoint: str, action: str, secret: str | None, *, one_secret: bool) -> bool:
+        """Aimed at this endpoint, action and secret (None: any); `one_secret`: only a fault aimed
+        at `secret` (one entry of a batch), not one for whole requests."""
+        if one_secret and self.secret is None:
+            return False
+        return (
+            self.endpoint in (None, endpoint)
+            and self.action in (None, action)
+            and (self.secret is None or self.secret == secret)
+        )
 
 
 @dataclass(frozen=True)
@@ -225,8 +269,19 @@ class KmsEmulator:
         self.region = region
         self.account_id = account_id
         self.calls: list[CallRecord] = []
+        #: The first endpoint served (and its port); `endpoints` has every one, in serving order.
         self.port: int | None = None
         self.endpoint: str | None = None
+        self.endpoints: list[str] = []
+        #: False: BatchGetSecretValue is answered as an unknown action (an older gateway).
+        self.batch_enabled = True
+        #: Requests being handled now, and the most at any moment (reset with `reset_calls`).
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._listening: dict[str, trio.CancelScope] = {}
+        self._up: dict[str, trio.Event] = {}
+        self._closed: dict[str, trio.Event] = {}
+        self._serving: dict[str, trio.Event] = {}
         self._clock = clock
         self._credentials: dict[str, _Credential] = {}
         self._secrets: dict[str, _Secret] = {}
@@ -315,43 +370,83 @@ class KmsEmulator:
 
     # --- faults and counters ---------------------------------------------------------------
 
-    def inject(self, fault: Fault, times: int | None = None) -> None:
+    def inject(
+        self,
+        fault: Fault,
+        times: int | None = None,
+        *,
+        endpoint: str | None = None,
+        action: str | None = None,
+        secret: str | None = None,
+    ) -> None:
         """Apply `fault` to the next `times` requests (None: until `clear_faults`).
 
-        Faults queue up: each request takes the oldest one still active.
+        Faults queue up: each request takes the oldest one still active that fits it. `endpoint`,
+        `action` and `secret` (a name as sent) aim it; within a BatchGetSecretValue a fault aimed
+        at a secret answers for that secret alone, as an entry of `Errors`.
         """
         if times is not None and times < 1:
             raise ValueError("times must be at least 1, or None")
-        self._faults.append(_ActiveFault(fault, times))
+        self._faults.append(_ActiveFault(fault, times, endpoint, action, secret))
 
     def clear_faults(self) -> None:
         """Behave normally again."""
         self._faults.clear()
 
-    def call_count(self, secret_name: str | None = None) -> int:
-        """Requests received (answered or not); for one secret, by name or by its ARN."""
-        if secret_name is None:
-            return len(self.calls)
-        return sum(1 for call in self.calls if self._names_secret(call, secret_name))
+    def call_count(
+        self, secret_name: str | None = None, *, action: str | None = None, endpoint: str | None = None
+    ) -> int:
+        """Requests received (answered or not), of one action or at one endpoint if given; for one
+        secret, by name or by its ARN (a BatchGetSecretValue that names it counts)."""
+        return sum(
+            1
+            for call in self.calls
+            if (secret_name is None or self._names_secret(call, secret_name))
+            and action in (None, call.action)
+            and endpoint in (None, call.endpoint)
+        )
 
     def reset_calls(self) -> None:
         """Forget recorded calls, e.g. after a warm-up phase."""
         self.calls.clear()
+        self.max_in_flight = self.in_flight
 
     def _names_secret(self, call: CallRecord, secret_name: str) -> bool:
-        sent = call.secret_name
-        return sent is not None and secret_name in (sent, self._resolve_name(sent))
+        sent = (call.secret_name,) if call.secret_name is not None else call.secret_names
+        return any(secret_name in (name, self._resolve_name(name)) for name in sent)
 
-    def _take_fault(self) -> Fault | None:
-        """The fault for this request, consuming one of its remaining uses."""
-        if not self._faults:
+    def _take_fault(self, endpoint: str, action: str, secret: str | None, *, one_secret: bool = False) -> Fault | None:
+        """The oldest fault that fits, consuming one of its remaining uses."""
+        for index, active in enumerate(self._faults):
+            if active.fits(endpoint, action, secret, one_secret=one_secret):
+                break
+        else:
             return None
-        active = self._faults[0]
         if active.remaining is not None:
             active.remaining -= 1
             if active.remaining == 0:
-                self._faults.pop(0)
+                del self._faults[index]
         return active.fault
+
+    # --- endpoints up and down -------------------------------------------------------------
+
+    async def take_down(self, endpoint: str) -> None:
+        """Close `endpoint`'s listener and its connections: calls to it are refused until `bring_up`."""
+        if endpoint in self._up and not self._up[endpoint].is_set():
+            return
+        self._up[endpoint] = trio.Event()
+        self._closed[endpoint] = trio.Event()
+        self._listening[endpoint].cancel()
+        await self._closed[endpoint].wait()
+
+    async def bring_up(self, endpoint: str) -> None:
+        """Listen at `endpoint` (the same port) again; returns once it accepts connections."""
+        up = self._up.get(endpoint)
+        if up is None or up.is_set():
+            return
+        self._serving[endpoint] = serving = trio.Event()
+        up.set()
+        await serving.wait()
 
     # --- serving ---------------------------------------------------------------------------
 
@@ -363,41 +458,68 @@ class KmsEmulator:
         ssl_context: ssl.SSLContext | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; reports the bound port and sets `port` and `endpoint`."""
-        async with trio.open_nursery() as nursery:
-            bound: int = await nursery.start(
-                partial(serve_http, self._handle, host=host, port=port, ssl_context=ssl_context)
-            )
-            self.port = bound
-            self.endpoint = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
-            task_status.started(bound)
+        """Serve until cancelled; reports the bound port. The first call sets `port` and
+        `endpoint`; each call adds its endpoint to `endpoints` (a replica of the same secrets)."""
+        endpoint = ""
 
-    async def _handle(self, request: HttpRequest) -> HttpResponse | None:
+        async def handle(request: HttpRequest) -> HttpResponse | None:
+            return await self._handle(request, endpoint)
+
+        while True:
+            with trio.CancelScope() as listening:
+                async with trio.open_nursery() as nursery:
+                    port = await nursery.start(
+                        partial(serve_http, handle, host=host, port=port, ssl_context=ssl_context)
+                    )
+                    if not endpoint:
+                        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                        self.endpoints.append(endpoint)
+                        if self.endpoint is None:
+                            self.port, self.endpoint = port, endpoint
+                        task_status.started(port)
+                    self._listening[endpoint] = listening
+                    if endpoint in self._serving:
+                        self._serving[endpoint].set()
+            # Only `take_down` cancels `listening`: wait to be brought up, then listen again.
+            self._closed[endpoint].set()
+            await self._up[endpoint].wait()
+
+    async def _handle(self, request: HttpRequest, endpoint: str) -> HttpResponse | None:
         """Record, apply any fault, then check and answer (module docstring has the order)."""
-        record = self._record(request)
-        fault = self._take_fault()
-        response: HttpResponse | None = None
-        if fault is not None:
-            await trio.sleep(fault.delay)
-            if fault.drop:
-                return None
-            response = self._fault_response(fault)
-        if response is None:
-            response = self._answer(request)
-        record.status = response.status
-        return response
+        record = self._record(request, endpoint)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            fault = self._take_fault(endpoint, record.action, record.secret_name)
+            response: HttpResponse | None = None
+            if fault is not None:
+                await trio.sleep(fault.delay)
+                if fault.drop:
+                    return None
+                response = self._fault_response(fault)
+            if response is None:
+                response = self._answer(request, endpoint)
+            record.status = response.status
+            return response
+        finally:
+            self.in_flight -= 1
 
-    def _record(self, request: HttpRequest) -> CallRecord:
+    def _record(self, request: HttpRequest, endpoint: str) -> CallRecord:
         auth = _parse_authorization(request.headers.get("authorization"))
         query = request.query
+        action = request.headers.get("x-acs-action", "")
         record = CallRecord(
-            action=request.headers.get("x-acs-action", ""),
+            action=action,
             secret_name=query.get("SecretName"),
             version_id=query.get("VersionId"),
             version_stage=query.get("VersionStage"),
             access_key_id=auth.access_key_id if auth else request.headers.get("x-acs-accesskey-id"),
             at=self._clock(),
+            endpoint=endpoint,
         )
+        if action == BATCH_GET_SECRET_VALUE:
+            items = _secrets_list(query.get("SecretsList"), strict=False)
+            record.secret_names = tuple(item["SecretName"] for item in items)
         self.calls.append(record)
         return record
 
@@ -414,10 +536,13 @@ class KmsEmulator:
             return _json_response(200, body[: len(body) // 2], request_id)
         return None
 
-    def _answer(self, request: HttpRequest) -> HttpResponse:
+    def _answer(self, request: HttpRequest, endpoint: str) -> HttpResponse:
         try:
             credential = self._authenticate(request)
-            body = self._get_secret_value(request.query, credential.secrets)
+            if request.headers["x-acs-action"] == BATCH_GET_SECRET_VALUE:
+                body = self._batch_get_secret_value(request.query, endpoint)
+            else:
+                body = self._get_secret_value(request.query, credential.secrets)
         except _KmsError as error:
             return self._error_response(error)
         request_id = _request_id()
@@ -443,7 +568,7 @@ class KmsEmulator:
     def _authenticate(self, request: HttpRequest) -> _Credential:
         """Steps 3-10 of the module docstring; raises _KmsError on the first failure."""
         headers = request.headers
-        _check_action(headers)
+        self._check_action(headers)
         auth = _parse_authorization(headers.get("authorization"))
         if auth is None:
             raise _kms_error("IncompleteSignature")
@@ -498,19 +623,45 @@ class KmsEmulator:
 
     # --- GetSecretValue --------------------------------------------------------------------
 
+    def _check_action(self, headers: dict[str, str]) -> None:
+        actions = (GET_SECRET_VALUE, BATCH_GET_SECRET_VALUE) if self.batch_enabled else (GET_SECRET_VALUE,)
+        if headers.get("x-acs-action") not in actions:
+            raise _kms_error("InvalidAction.NotFound")
+        if headers.get("x-acs-version") != API_VERSION:
+            raise _kms_error("InvalidVersion")
+
     def _get_secret_value(self, query: dict[str, str], allowed: frozenset[str] | None = None) -> dict[str, Any]:
         """The success body without RequestId, following KMS's version selection rules."""
         name = query.get("SecretName")
         if not name:
             raise _kms_error("MissingSecretName")
+        return self._secret_value(name, query.get("VersionId") or None, query.get("VersionStage") or None)
+
+    def _batch_get_secret_value(self, query: dict[str, str], endpoint: str) -> dict[str, Any]:
+        """`SecretValues` for the secrets that can be read, an `Errors` entry for each other one."""
+        values: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for item in _secrets_list(query.get("SecretsList"), strict=True):
+            name = item["SecretName"]
+            fault = self._take_fault(endpoint, BATCH_GET_SECRET_VALUE, name, one_secret=True)
+            try:
+                if fault is not None and fault.status:
+                    phrase = _REASONS.get(fault.status, "Error")
+                    raise _KmsError(fault.status, fault.code or phrase.replace(" ", ""), fault.message or phrase)
+                version_id, stage = item.get("VersionId") or None, item.get("VersionStage") or None
+                values.append(self._secret_value(name, version_id, stage))
+            except _KmsError as error:
+                errors.append({"SecretName": name, "Code": error.code, "HttpStatus": error.status, "Message": error.message})
+        return {"SecretValues": values, "Errors": errors}
+
+    def _secret_value(self, name: str, version_id: str | None, version_stage: str | None) -> dict[str, Any]:
         resolved = self._resolve_name(name)
         if allowed is not None and resolved not in allowed:
             raise _kms_error("Forbidden.NoPermission")
         secret = self._secrets.get(resolved) if resolved is not None else None
         if secret is None:
             raise _kms_error("Forbidden.ResourceNotFound")
-        version_id = query.get("VersionId") or None
-        version = _select_version(secret, version_id, query.get("VersionStage") or None)
+        version = _select_version(secret, version_id, version_stage)
         return {
             "SecretName": secret.name,
             "SecretType": secret.secret_type,
@@ -533,11 +684,30 @@ class KmsEmulator:
         return secret_name if kind == "secret" and secret_name else None
 
 
-def _check_action(headers: dict[str, str]) -> None:
-    if headers.get("x-acs-action") != _SUPPORTED_ACTION:
-        raise _kms_error("InvalidAction.NotFound")
-    if headers.get("x-acs-version") != API_VERSION:
-        raise _kms_error("InvalidVersion")
+def _secrets_list(text: str | None, *, strict: bool) -> list[dict[str, Any]]:
+    """BatchGetSecretValue's `SecretsList` (JSON, as the SDK's "json" style writes it).
+
+    `strict`: raise KMS's 400 for a missing or malformed list; else (for the call record) give
+    the items that can be read, or none.
+    """
+    if not text:
+        if strict:
+            raise _kms_error("MissingParameter", "SecretsList is mandatory for this action.")
+        return []
+    try:
+        items = json.loads(text)
+    except (ValueError, RecursionError):
+        items = None
+    well_formed = (
+        isinstance(items, list)
+        and 0 < len(items) <= BATCH_LIMIT
+        and all(isinstance(item, dict) and isinstance(item.get("SecretName"), str) and item["SecretName"] for item in items)
+    )
+    if well_formed:
+        return items  # type: ignore[return-value]
+    if strict:
+        raise _kms_error("InvalidParameter", f"SecretsList must be a JSON array of 1 to {BATCH_LIMIT} objects with a SecretName.")
+    return []
 
 
 def _parse_authorization(value: str | None) -> _Authorization | None:

@@ -1,0 +1,289 @@
+"""A trio-native KMS client: GetSecretValue and BatchGetSecretValue, cancellable, time-bounded,
+retried, bounded in flight, and moved to a replica endpoint when one fails.
+
+Why not the SDK's client: its sync methods block on `requests` (and cannot be cancelled from a
+thread), and its `_async` methods need asyncio's event loop, so neither fits trio (NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from typing import TypeVar
+
+import httpx
+import trio
+from loguru import logger
+
+from kmsagent.config import KmsConfig
+from kmsagent.credentials import CredentialSource, Credentials
+from kmsagent.errors import THROTTLING, AgentError, KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
+from kmsagent.kms.endpoints import Endpoints
+from kmsagent.kms.wire import (
+    BATCH_GET_SECRET_VALUE,
+    BATCH_LIMIT,
+    GET_SECRET_VALUE,
+    MAX_ANSWER_BYTES,
+    MAX_BATCH_ANSWER_BYTES,
+    SecretValue,
+    canonical_query,
+    describe,
+    parse_batch,
+    parse_error,
+    parse_secret,
+    post,
+    signed_headers,
+)
+
+T = TypeVar("T")
+BACKOFF_BASE = 0.2  # seconds; KMS's guidance is 2^n × 200 ms
+MAX_RETRY_WAIT = 10.0  # a longer x-acs-retry-after is not waited for: the error goes back
+TOKEN_REJECTED_CODES = frozenset({"InvalidSecurityToken.Expired", "InvalidSecurityToken.Malformed"})
+#: Whole-batch answers that mean "this KMS (or this RAM policy) has no BatchGetSecretValue for
+#: us": batching stops for the run. `Forbidden.*` (e.g. Forbidden.NoPermission) is matched by prefix.
+BATCH_UNKNOWN_CODES = frozenset({"InvalidAction.NotFound", "InvalidApi.NotFound", "UnsupportedOperation"})
+#: (endpoint, action, outcome, seconds) of each try, for the metrics.
+Observe = Callable[[str, str, str, float], None]
+Queued = Callable[[], AbstractContextManager[object]]
+
+
+def _ignore(endpoint: str, action: str, outcome: str, seconds: float) -> None:
+    pass
+
+
+class KmsClient:
+    """KMS calls with the retry, fallback and concurrency rules of SPEC §2/§5."""
+
+    def __init__(
+        self,
+        config: KmsConfig,
+        credentials: CredentialSource,
+        http: httpx.AsyncClient,
+        clock: Callable[[], float] = time.time,
+        observe: Observe = _ignore,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._observe = observe
+        self._credentials = credentials
+        self._http = http
+        self.endpoints = Endpoints(config.endpoints)
+        self._in_flight = trio.CapacityLimiter(config.max_concurrent_requests)
+        self._attempt_limit = (config.connect_timeout_ms + config.read_timeout_ms) / 1000
+        #: BatchRefresh is on and KMS has not refused BatchGetSecretValue (SPEC §5).
+        self.batching = config.batch_refresh
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        config: KmsConfig,
+        credentials: CredentialSource,
+        *,
+        clock: Callable[[], float] = time.time,
+        observe: Observe = _ignore,
+    ) -> AsyncIterator[KmsClient]:
+        """A client with its own connection pool (for every endpoint), closed on exit."""
+        connect = config.connect_timeout_ms / 1000
+        read = config.read_timeout_ms / 1000
+        verify: ssl.SSLContext | bool = True
+        if config.ca_file_path:
+            verify = ssl.create_default_context(cafile=config.ca_file_path)
+        # Each endpoint may hold every slot's connection: a failover must not wait for the pool.
+        connections = config.max_concurrent_requests * len(config.endpoints)
+        pool = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+            limits=pool,
+            verify=verify,
+            trust_env=False,
+        ) as http:
+            yield cls(config, credentials, http, clock, observe)
+
+    @property
+    def in_flight(self) -> int:
+        """KMS calls under way now (each holds one of the MaxConcurrentRequests slots)."""
+        return self._in_flight.borrowed_tokens
+
+    async def get_secret_value(
+        self,
+        secret_id: str,
+        *,
+        version_id: str = "",
+        version_stage: str = "",
+        queued: Queued = nullcontext,
+    ) -> SecretValue:
+        """The secret as KMS returns it; raises `AgentError` subclasses with SPEC §3 statuses.
+
+        A transient failure (errors.is_transient) moves the call to the next endpoint that it has
+        not tried yet, at once; when each has been tried it is retried up to MaxRetries times with
+        exponential back-off and jitter (at least `x-acs-retry-after`). An expired security token
+        makes the credential source renew once, and the call is tried again. Each wait for one
+        of the MaxConcurrentRequests slots runs inside `queued()`: the only part of a call that
+        the caller may cancel without having cost KMS anything.
+        """
+        query = {"SecretName": secret_id}
+        if version_id:
+            query["VersionId"] = version_id
+        if version_stage:
+            query["VersionStage"] = version_stage
+        return await self._call(
+            GET_SECRET_VALUE, query, parse_secret, MAX_ANSWER_BYTES, self._config.max_retries, queued, secret_id
+        )
+
+    async def batch_get_secret_values(
+        self, names: Sequence[str], *, queued: Queued = nullcontext
+    ) -> dict[str, SecretValue | KmsError]:
+        """The ACSCurrent values of up to 20 `names` in one BatchGetSecretValue call.
+
+        Returns each name's answer: its value, or its entry of KMS's `Errors` list (a `KmsError`,
+        transient or final by SPEC §5's list); a name KMS did not answer is absent. Raises when
+        the call as a whole failed: no name's answer then. There are no retries (the caller falls
+        back to single calls at once), but endpoint fallback applies. An answer that KMS does not
+        know the action, or a whole-batch `Forbidden.*`, also turns `batching` off for the run.
+        """
+        if not 0 < len(names) <= BATCH_LIMIT:
+            raise ValueError(f"a batch holds 1..{BATCH_LIMIT} names")
+        # SDK 3.3.1 sends SecretsList as one JSON query parameter ("json" style, compact).
+        secrets_list = json.dumps([{"SecretName": name} for name in names], separators=(",", ":"), ensure_ascii=False)
+        try:
+            return await self._call(
+                BATCH_GET_SECRET_VALUE,
+                {"SecretsList": secrets_list},
+                lambda body: parse_batch(body, names),
+                MAX_BATCH_ANSWER_BYTES,
+                0,
+                queued,
+                f"{len(names)} secrets",
+            )
+        except KmsError as error:
+            if self.batching and (error.code in BATCH_UNKNOWN_CODES or error.code.startswith("Forbidden.")):
+                self.batching = False
+                logger.info(
+                    "KMS answered BatchGetSecretValue with {} ({}): batched refreshes are off until restart; "
+                    "each secret is refreshed with its own GetSecretValue call",
+                    error.code,
+                    error.kms_status,
+                )
+            raise
+
+    async def _call(
+        self,
+        action: str,
+        query: dict[str, str],
+        parse: Callable[[bytearray], T],
+        limit: int,
+        max_retries: int,
+        queued: Queued,
+        what: str,
+    ) -> T:
+        renewed = False
+        retries = 0
+        tried: set[str] = set()
+        while True:
+            credentials = await self._credentials.current()
+            host = self.endpoints.pick(exclude=tried) or self.endpoints.pick()
+            assert host is not None
+            try:
+                result = await self._attempt(host, action, query, credentials, parse, limit, queued)
+            except AgentError as error:
+                if error.code in TOKEN_REJECTED_CODES and not renewed:
+                    renewed = True
+                    if await self._credentials.rejected(credentials):
+                        continue
+                if not is_transient(error):
+                    self.endpoints.succeeded(host)  # it answered: the answer is the secret's
+                    raise
+                failure = error
+            else:
+                self.endpoints.succeeded(host)
+                return result
+            self.endpoints.failed(host, failure.code)
+            tried.add(host)
+            following = self.endpoints.pick(exclude=tried)
+            if following is not None:
+                logger.debug("KMS {} for {!r} failed at {} ({}); trying {}", action, what, host, failure.code, following)
+                continue
+            retry_after = failure.retry_after if isinstance(failure, KmsError) else None
+            delay = _backoff(retries, retry_after)
+            if retries >= max_retries or delay is None:
+                raise failure
+            retries += 1
+            logger.debug("KMS {} try {} for {!r} failed ({}); retrying in {:.2f}s", action, retries, what, failure.code, delay)
+            await trio.sleep(delay)
+
+    async def _attempt(
+        self,
+        host: str,
+        action: str,
+        query: dict[str, str],
+        credentials: Credentials,
+        parse: Callable[[bytearray], T],
+        limit: int,
+        queued: Queued,
+    ) -> T:
+        """One signed call, once a slot is free; its outcome and duration go to `observe` (the metrics)."""
+        with queued():
+            await self._in_flight.acquire()
+        try:
+            return await self._observed(host, action, query, credentials, parse, limit)
+        finally:
+            self._in_flight.release()
+
+    async def _observed(
+        self, host: str, action: str, query: dict[str, str], credentials: Credentials, parse: Callable[[bytearray], T], limit: int
+    ) -> T:
+        started = trio.current_time()
+        outcome: str | None = None  # stays None when cancelled: not an outcome of KMS's
+        try:
+            result = await self._send(host, action, query, credentials, parse, limit)
+            outcome = "success"
+            return result
+        except KmsError as error:
+            if error.code == THROTTLING:
+                outcome = "throttled"
+            else:
+                outcome = "server_error" if error.kms_status >= 500 else "client_error"
+            raise
+        except UpstreamTimeout:
+            outcome = "timeout"
+            raise
+        except UpstreamUnavailable:
+            outcome = "unreachable"
+            raise
+        finally:
+            if outcome is not None:
+                self._observe(host, action, outcome, trio.current_time() - started)
+
+    async def _send(
+        self, host: str, action: str, query: dict[str, str], credentials: Credentials, parse: Callable[[bytearray], T], limit: int
+    ) -> T:
+        headers = signed_headers(host, action, query, credentials, self._clock())
+        url = f"{self._config.protocol}://{host}/?{canonical_query(query)}"
+        with trio.move_on_after(self._attempt_limit) as attempt_scope:
+            try:
+                response, body = await post(self._http, url, headers, host=host, limit=limit)
+            except httpx.TimeoutException:
+                raise UpstreamTimeout(f"KMS at {host} did not answer in time") from None
+            except httpx.TransportError as error:
+                raise UpstreamUnavailable(f"cannot reach KMS at {host}: {describe(error)}") from None
+        if attempt_scope.cancelled_caught:
+            raise UpstreamTimeout(f"KMS at {host} did not answer in time")
+        if response.status_code == 200:
+            return parse(body)
+        raise parse_error(response, body)
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float | None:
+    """Seconds before retry number `attempt + 1`, or None when KMS asks for too long a wait."""
+    step = BACKOFF_BASE * 2**attempt
+    delay = random.uniform(step / 2, step)
+    if retry_after is not None:
+        if retry_after > MAX_RETRY_WAIT:
+            return None
+        delay = max(delay, retry_after)
+    return min(delay, MAX_RETRY_WAIT)
