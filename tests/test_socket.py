@@ -121,9 +121,7 @@ async def test_a_stale_socket_is_replaced_and_the_socket_goes_at_exit(start_agen
     async with unix_client(path) as client:  # the stale node answered nothing: this one is the agent's
         assert (await client.get("/ping")).text == "healthy"
     agent.stop.set()
-    with trio.fail_after(5):
-        while path.exists():
-            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.1)
     assert list(folder.iterdir()) == []
 
 

@@ -172,6 +172,8 @@ def _set_group_and_mode(listener: UnixListener, gid: int, server: ServerConfig) 
         by_descriptor = f"/proc/self/fd/{descriptor}"
         try:
             os.chown(by_descriptor, -1, gid)
+        except FileNotFoundError:
+            raise ServeError(f"cannot listen on unix:{listener.path}: /proc is not mounted (its mode is set through it)") from None
         except PermissionError:
             raise ConfigError(
                 f"[Server] UnixSocketGroup = {server.unix_socket_group!r}: the agent's user (uid {os.geteuid()}) "
