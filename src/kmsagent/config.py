@@ -597,7 +597,12 @@ MAX_SOCKET_PATH = 107
 _unix_socket = _text(
     f'must be "" or an absolute path of at most {MAX_SOCKET_PATH} bytes, not ending in "/"',
     lambda path: path == ""
-    or (os.path.isabs(path) and not path.endswith("/") and "\0" not in path and len(os.fsencode(path)) <= MAX_SOCKET_PATH),
+    or (
+        os.path.isabs(path)
+        and not path.endswith("/")
+        and "\0" not in path
+        and len(os.fsencode(path)) <= MAX_SOCKET_PATH
+    ),
 )
 _unix_socket_mode = _text(
     'must be octal permission bits within 0777, as a string such as "0660"',
@@ -978,7 +983,9 @@ def check_unix_socket(server: ServerConfig, *, starting: bool) -> tuple[int | No
     except FileNotFoundError:
         problems.append(("UnixSocket", path, f"its folder {folder} does not exist"))
     except OSError as error:
-        raise ConfigError(f"[Server] UnixSocket = {_show(path)}: its folder {folder} cannot be used ({error.strerror})") from None
+        raise ConfigError(
+            f"[Server] UnixSocket = {_show(path)}: its folder {folder} cannot be used ({error.strerror})"
+        ) from None
     else:
         if not stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"[Server] UnixSocket = {_show(path)}: {folder} is not a folder")
@@ -1006,7 +1013,11 @@ def check_unix_socket(server: ServerConfig, *, starting: bool) -> tuple[int | No
     if starting and problems:
         key, value, problem = problems[0]
         raise ConfigError(f"[Server] {key} = {_show(value)}: {problem}")
-    return gid, [f"[Server] {key} = {_show(value)}: {problem} (yet); the agent needs it at start" for key, value, problem in problems]
+    notes = [
+        f"[Server] {key} = {_show(value)}: {problem} (yet); the agent needs it at start"
+        for key, value, problem in problems
+    ]
+    return gid, notes
 
 
 def differences(old: Config, new: Config) -> list[tuple[str, str, Any, Any]]:

@@ -10,6 +10,7 @@ the same checks, and MaxConn bounds TCP and Unix connections together.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -184,6 +185,10 @@ def _set_group_and_mode(listener: UnixListener, gid: int, server: ServerConfig) 
         by_descriptor = f"/proc/self/fd/{descriptor}"
         try:
             os.chown(by_descriptor, -1, gid)
+        except FileNotFoundError:
+            raise ServeError(
+                f"cannot listen on unix:{listener.path}: /proc is not mounted (its mode is set through it)"
+            ) from None
         except PermissionError:
             raise ConfigError(
                 f"[Server] UnixSocketGroup = {server.unix_socket_group!r}: the agent's user (uid {os.geteuid()}) "
@@ -201,7 +206,9 @@ def _clear_the_way(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise ServeError(f"cannot listen on unix:{path}: it exists and is not a socket; remove it or choose another path")
+        raise ServeError(
+            f"cannot listen on unix:{path}: it exists and is not a socket; remove it or choose another path"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         probe.connect(path)
@@ -217,10 +224,8 @@ def _clear_the_way(path: str) -> None:
         raise ServeError(f"cannot listen on unix:{path}: another process (a running kmsagent?) is listening on it")
     finally:
         probe.close()
-    try:
+    with contextlib.suppress(FileNotFoundError):  # gone meanwhile
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class ConnectionSlots:
