@@ -117,6 +117,7 @@ class HttpServer:
     def __init__(self, app: Any, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody) -> None:
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+        self._config.keep_alive_max_requests = 2**63  # local clients are never made to reconnect (hypercorn: 1,000)
         self._config.graceful_timeout = GRACEFUL_TIMEOUT
         self._config.accesslog = None
         self._config.errorlog = logging.getLogger("hypercorn.error")  # routed into loguru by logs.py
