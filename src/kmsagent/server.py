@@ -257,6 +257,7 @@ class HttpServer:
     ) -> None:
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+        self._config.keep_alive_max_requests = 2**63  # local clients are never made to reconnect (hypercorn: 1,000)
         self._config.graceful_timeout = GRACEFUL_TIMEOUT
         self._config.accesslog = None
         self._config.errorlog = logging.getLogger("hypercorn.error")  # routed into loguru by logs.py

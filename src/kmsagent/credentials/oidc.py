@@ -5,6 +5,12 @@ AssumeRoleWithOIDC and caches the answer until 15 minutes before it expires, all
 `requests`; its `_async` path needs asyncio. So each `current()` runs its `get_credentials` in a
 worker thread (cheap while cached), bounded in time. Its error messages can quote STS's answer,
 so only the exception's type is ever logged or returned.
+
+The SDK's provider is imported only when an OIDC source is built: the credentials package costs
+≈385 ms and pulls in requests, aiohttp and apscheduler, which static keys or an ECS role never
+need (issue 17; tests/test_footprint.py). That import happens at start-up, before the port
+opens; only a watched profile that turns into an OIDC one while serving pays it on the trio
+thread, once.
 """
 
 from __future__ import annotations
@@ -14,13 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import trio
-from alibabacloud_credentials.provider.oidc import OIDCRoleArnCredentialsProvider
 
 from kmsagent.credentials.base import Credentials, CredentialsUnavailable
 from kmsagent.errors import UpstreamUnavailable
-
-# The SDK attaches its own stderr handlers to this logger at import; ours (logs.py) route it.
-logging.getLogger("credentials").handlers.clear()
 
 ENVIRONMENT = ("ALIBABA_CLOUD_ROLE_ARN", "ALIBABA_CLOUD_OIDC_PROVIDER_ARN", "ALIBABA_CLOUD_OIDC_TOKEN_FILE")
 #: STS is a remote call: the SDK's own timeouts are 5 s connect and 10 s read.
@@ -63,6 +65,10 @@ class OidcRoleCredentials:
         sts_region: str = "",
     ) -> OidcRoleCredentials:
         """The SDK provider for these settings (a CLI profile's or an ini section's)."""
+        from alibabacloud_credentials.provider.oidc import OIDCRoleArnCredentialsProvider
+
+        # The SDK attaches its own stderr handlers to this logger at import; ours (logs.py) route it.
+        logging.getLogger("credentials").handlers.clear()
         try:
             provider = OIDCRoleArnCredentialsProvider(
                 role_arn=role_arn or None,

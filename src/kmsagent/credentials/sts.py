@@ -9,8 +9,9 @@ already runs in the agent's nursery).
 
 What comes from the SDK and what is owned here: the parameters are the ones
 alibabacloud-credentials' `RamRoleArnCredentialsProvider` builds (a test compares them, and the
-signature, byte for byte), signed with the legacy RPC HMAC-SHA1 signature by the OpenAPI SDK's own
-pure `Utils.get_rpcsignature`, already loaded for KMS. The SDK's sending (`TeaCore.do_action`:
+signature, byte for byte), signed with the legacy RPC HMAC-SHA1 signature by `signing.py`, which
+tests/test_signing.py checks byte for byte against the OpenAPI SDK's `Utils.get_rpcsignature`
+(whose module costs 48 MB to import). The SDK's sending (`TeaCore.do_action`:
 blocking `requests`, or aiohttp under asyncio, which fails under trio) and its answer parsing (a
 strict `%Y-%m-%dT%H:%M:%SZ` and error messages that quote STS's whole answer) are replaced by
 httpx with bounded timeouts. One deliberate difference: the SDK sends a GET with every parameter,
@@ -19,8 +20,9 @@ signature then starts with "POST"), because URLs end up in request logs (httpx l
 INFO; proxies and access logs keep them).
 
 The two SDK signers differ only for a space in a value (`Policy` JSON with spaces):
-`get_rpcsignature` encodes it `%20` as the RPC signature documentation says, the credentials
-package's `quote_plus` helper `+`; a test checks they agree byte for byte everywhere else.
+`get_rpcsignature` (and so ours) encodes it `%20` as the RPC signature documentation says, the
+credentials package's `quote_plus` helper `+`; a test checks they agree byte for byte everywhere
+else.
 
 STS's error `Message` is never logged or returned: for `SignatureDoesNotMatch` the gateway quotes
 its string to sign, which holds the caller's security token. Only its `Code` travels.
@@ -40,9 +42,8 @@ from urllib.parse import quote
 
 import httpx
 import trio
-from alibabacloud_tea_openapi.utils import Utils
 
-from kmsagent import __version__
+from kmsagent import __version__, signing
 from kmsagent.credentials.base import Credentials, CredentialSource
 from kmsagent.credentials.renewing import FetchError, RenewingCredentials
 from kmsagent.errors import AgentError, UpstreamUnavailable
@@ -137,7 +138,7 @@ def assume_role_query(
 
 def rpc_signature(params: Mapping[str, str], secret: str, method: str = "POST") -> str:
     """The legacy RPC signature: base64(HMAC-SHA1(secret + "&", method&%2F&<encoded sorted query>))."""
-    return str(Utils.get_rpcsignature(dict(params), method, secret))
+    return signing.rpc_signature(params, method, secret)
 
 
 def encode_form(params: Mapping[str, str]) -> str:

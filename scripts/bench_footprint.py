@@ -1,0 +1,304 @@
+"""The agent's footprint (issue 17), side by side in one run with the libraries it is built on.
+
+The agent runs as `python -m kmsagent` with an AccessKey in its environment against the KMS
+emulator in another process (this script with `emulator N`: `python -m kmsagent.emulator` reads
+at most 1 MB of secrets, and 1000 × 4 KB is 4 MB), so the RSS measured is the agent's alone:
+- RSS idle with no secrets (after one /ping, then 2 s idle);
+- RSS with 1000 × 4 KB secrets prefetched (Prefetch, CacheSize = 1000), each then read once;
+- start to first 200 on a prefetched secret: from spawning the process to the first 200 of a
+  client polling every 5 ms, the median of `STARTS`, with the agent's CPU time by then (on a
+  shared machine the wall time moves with the load; the CPU time much less, the RSS not at all).
+With BENCH_BASELINE=<git ref> (scripts/bench: `main`), the same for that ref's `src` in the same
+run, on PYTHONPATH. Next to them, in fresh interpreters: bare Python and the libraries alone (what
+any agent on this stack loads). Prints a Markdown section with the load average (scripts/bench
+appends it to docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTS = int(os.environ.get("BENCH_STARTS", "10"))
+SECRETS = 1000
+SECRET_4K = json.dumps({"key": "k" * 4000})[:4096]
+TOKEN = "bench-footprint-token-0123456789"
+ROUTE = "/secretsmanager/get?secretId="
+#: The libraries a kmsagent of this design loads whatever it does: the floor of its RSS.
+LIBRARIES = ["trio", "h11", "hypercorn.trio", "quart_trio", "httpx", "loguru", "prometheus_client", "alibabacloud_kms20160120.models"]
+TARGETS = {"idle": 58.0, "loaded": 65.0, "start": 0.5}
+#: A fresh interpreter's RSS (MB), wall and CPU seconds spent importing `{imports}`.
+PROBE = """
+import resource, time
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+wall, used = time.perf_counter(), cpu()
+{imports}
+wall, used = time.perf_counter() - wall, cpu() - used
+rss = [line for line in open("/proc/self/status") if line.startswith("VmRSS")][0].split()[1]
+print(int(rss) / 1024, wall, used)
+"""
+
+
+def names(count: int) -> list[str]:
+    return ["bench/4k", *(f"bench/{i:04d}" for i in range(count))]
+
+
+def serve_emulator(count: int) -> None:
+    """`emulator N`: KMS with bench/4k and N more 4 KB secrets, until SIGTERM; prints endpoint and key."""
+    import trio
+
+    from kmsagent.emulator import KmsEmulator
+
+    emulator = KmsEmulator()
+    for name in names(count):
+        emulator.put_secret(name, SECRET_4K)
+    access_key_id, secret = "LTAIbenchfootprint", "bench-footprint-secret"
+    emulator.add_credentials(access_key_id, secret)
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(emulator.serve)
+                print(emulator.endpoint, access_key_id, secret, flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def get(port: int, path: str, timeout: float = 5.0) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"X-KMS-Token": TOKEN})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+class Agent:
+    """One `python -m kmsagent` process with a config of its own."""
+
+    def __init__(self, folder: Path, endpoint: str, env: dict[str, str], prefetch: list[str]) -> None:
+        self.port = free_port()
+        config = folder / f"agent-{self.port}.toml"
+        config.write_text(
+            f"[Server]\nHttpPort = {self.port}\n"
+            f"[Cache]\nCacheSize = {SECRETS}\nPrefetch = {json.dumps(prefetch)}\n"
+            f'[KMS]\nEndpoint = "{endpoint}"\nProtocol = "http"\n'
+            f'[Credentials]\nType = "access_key"\n'
+            f'[Log]\nLevel = "info"\nPath = "{folder}/logs-{self.port}"\n'
+        )
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kmsagent", "--config", str(config)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def first_200(self, path: str, seconds: float = 60.0) -> tuple[float, float]:
+        """Seconds from spawning to the first 200 on `path` (polling every 5 ms), and the agent's
+        CPU seconds by then."""
+        deadline = self.started + seconds
+        while time.monotonic() < deadline:
+            try:
+                if get(self.port, path, timeout=seconds) == 200:
+                    return time.monotonic() - self.started, cpu_seconds(self.process.pid)
+            except OSError:
+                if self.process.poll() is not None:
+                    raise SystemExit(f"the agent exited with {self.process.returncode} before answering") from None
+            time.sleep(0.005)
+        raise SystemExit(f"no 200 on {path} within {seconds} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def interpreter(imports: list[str], pythonpath: str | None = None) -> tuple[float, float, float]:
+    """RSS (MB), import wall and CPU seconds of a fresh interpreter importing `imports`: of 3 runs,
+    the lowest RSS and the median times."""
+    probe = PROBE.format(imports="\n".join(f"import {name}" for name in imports))
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    runs = [
+        [float(value) for value in subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout.split()]
+        for _ in range(3)
+    ]
+    return min(run[0] for run in runs), statistics.median(run[1] for run in runs), statistics.median(run[2] for run in runs)
+
+
+@dataclass
+class Footprint:
+    idle: float
+    loaded: float
+    starts: list[tuple[float, float]]
+    imported: tuple[float, float, float]
+
+    @property
+    def start(self) -> float:
+        return statistics.median(wall for wall, _ in self.starts)
+
+    def start_text(self) -> str:
+        walls = [wall for wall, _ in self.starts]
+        cpu = statistics.median(used for _, used in self.starts)
+        return f"{self.start:.2f} s ({min(walls):.2f}–{max(walls):.2f}; CPU {cpu:.2f} s)"
+
+
+def measure(folder: Path, endpoint: str, env: dict[str, str]) -> Footprint:
+    """The agent's three measures, and its `import kmsagent.cli`, with the code `env` finds."""
+    spawn = partial(Agent, folder, endpoint, env)
+    agent = spawn([])
+    try:
+        agent.first_200("/ping")
+        time.sleep(2)
+        idle = rss_mb(agent.process.pid)
+    finally:
+        agent.stop()
+    agent = spawn(names(SECRETS)[1:])
+    try:
+        agent.first_200("/ping", seconds=120)
+        for secret_name in names(SECRETS)[1:]:
+            assert get(agent.port, ROUTE + secret_name) == 200
+        time.sleep(2)
+        loaded = rss_mb(agent.process.pid)
+    finally:
+        agent.stop()
+    starts: list[tuple[float, float]] = []
+    for _ in range(STARTS):
+        agent = spawn(["bench/4k"])
+        try:
+            starts.append(agent.first_200(ROUTE + "bench/4k"))
+        finally:
+            agent.stop()
+    return Footprint(idle, loaded, starts, interpreter(["kmsagent.cli"], env.get("PYTHONPATH")))
+
+
+def baseline_source(folder: Path, ref: str) -> str | None:
+    """`src` of git `ref` unpacked in `folder`, for PYTHONPATH; None when there is no such ref."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True)
+    if archive.returncode != 0:
+        print(f"no baseline: git archive {ref} failed", file=sys.stderr)
+        return None
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return str(folder / "src")
+
+
+def main() -> None:
+    load_before = load()
+    rows: dict[str, Footprint] = {}
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        emulator = subprocess.Popen([sys.executable, __file__, "emulator", str(SECRETS)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert emulator.stdout is not None
+            endpoint, access_key_id, secret = emulator.stdout.readline().split()
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "HOME": str(folder),
+                "KMS_TOKEN": TOKEN,
+                "ALIBABA_CLOUD_ACCESS_KEY_ID": access_key_id,
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret,
+            }
+            rows["this tree"] = measure(folder, endpoint, env)
+            baseline = os.environ.get("BENCH_BASELINE", "")
+            source = baseline_source(folder, baseline) if baseline else None
+            if source:
+                rows[f"`{baseline}`"] = measure(folder, endpoint, {**env, "PYTHONPATH": source})
+        finally:
+            emulator.terminate()
+            emulator.wait(10)
+    bare = interpreter([])
+    libraries = interpreter(LIBRARIES)
+    report(rows, bare, libraries, load_before, load())
+
+
+def report(
+    rows: dict[str, Footprint],
+    bare: tuple[float, float, float],
+    libraries: tuple[float, float, float],
+    load_before: str,
+    load_after: str,
+) -> None:
+    def met(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    ours = rows["this tree"]
+    print(
+        f'The agent process alone (`[Credentials] Type = "access_key"`), the KMS emulator in another process; '
+        f"load average {load_before} before, {load_after} after ({os.cpu_count()} cores). "
+        f"Start: median of {STARTS} (min–max; the agent's CPU time by then, which the load moves less).\n"
+    )
+    print(f"| measure | target | {' | '.join(rows)} | met |")
+    print(f"|---|---:|{'---:|' * len(rows)}---|")
+
+    def row(measure: str, target: str, cells: list[str], ok: bool) -> None:
+        print(f"| {measure} | {target} | {' | '.join(cells)} | {met(ok)} |")
+
+    row("RSS idle, no secrets", f"≤ {TARGETS['idle']:.0f} MB", [f"{r.idle:.1f} MB" for r in rows.values()], ours.idle <= TARGETS["idle"])
+    row(
+        f"RSS, {SECRETS} × 4 KB secrets prefetched and read once",
+        f"≤ {TARGETS['loaded']:.0f} MB",
+        [f"{r.loaded:.1f} MB" for r in rows.values()],
+        ours.loaded <= TARGETS["loaded"],
+    )
+    row(
+        "start to first 200 on a prefetched secret",
+        f"≤ {TARGETS['start']} s",
+        [r.start_text() for r in rows.values()],
+        ours.start <= TARGETS["start"],
+    )
+    blank = " | " * (len(rows) - 1)
+    print(
+        f"| `import kmsagent.cli` | | "
+        + " | ".join(f"{r.imported[0]:.1f} MB; {r.imported[1]:.2f} s (CPU {r.imported[2]:.2f} s)" for r in rows.values())
+        + " | |"
+    )
+    print(f"| (reference) bare Python | | {bare[0]:.1f} MB{blank} | |")
+    print(
+        f"| (reference) the libraries alone: {', '.join(LIBRARIES)} | | {libraries[0]:.1f} MB; "
+        f"{libraries[1]:.2f} s (CPU {libraries[2]:.2f} s){blank} | |"
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["emulator"]:
+        serve_emulator(int(sys.argv[2]))
+    else:
+        main()
