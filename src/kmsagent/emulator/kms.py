@@ -540,7 +540,7 @@ class KmsEmulator:
         try:
             credential = self._authenticate(request)
             if request.headers["x-acs-action"] == BATCH_GET_SECRET_VALUE:
-                body = self._batch_get_secret_value(request.query, endpoint)
+                body = self._batch_get_secret_value(request.query, endpoint, credential.secrets)
             else:
                 body = self._get_secret_value(request.query, credential.secrets)
         except _KmsError as error:
@@ -635,9 +635,11 @@ class KmsEmulator:
         name = query.get("SecretName")
         if not name:
             raise _kms_error("MissingSecretName")
-        return self._secret_value(name, query.get("VersionId") or None, query.get("VersionStage") or None)
+        return self._secret_value(name, query.get("VersionId") or None, query.get("VersionStage") or None, allowed)
 
-    def _batch_get_secret_value(self, query: dict[str, str], endpoint: str) -> dict[str, Any]:
+    def _batch_get_secret_value(
+        self, query: dict[str, str], endpoint: str, allowed: frozenset[str] | None = None
+    ) -> dict[str, Any]:
         """`SecretValues` for the secrets that can be read, an `Errors` entry for each other one."""
         values: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -649,12 +651,14 @@ class KmsEmulator:
                     phrase = _REASONS.get(fault.status, "Error")
                     raise _KmsError(fault.status, fault.code or phrase.replace(" ", ""), fault.message or phrase)
                 version_id, stage = item.get("VersionId") or None, item.get("VersionStage") or None
-                values.append(self._secret_value(name, version_id, stage))
+                values.append(self._secret_value(name, version_id, stage, allowed))
             except _KmsError as error:
                 errors.append({"SecretName": name, "Code": error.code, "HttpStatus": error.status, "Message": error.message})
         return {"SecretValues": values, "Errors": errors}
 
-    def _secret_value(self, name: str, version_id: str | None, version_stage: str | None) -> dict[str, Any]:
+    def _secret_value(
+        self, name: str, version_id: str | None, version_stage: str | None, allowed: frozenset[str] | None = None
+    ) -> dict[str, Any]:
         resolved = self._resolve_name(name)
         if allowed is not None and resolved not in allowed:
             raise _kms_error("Forbidden.NoPermission")
