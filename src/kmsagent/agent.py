@@ -14,6 +14,7 @@ from loguru import logger
 from kmsagent import errors
 from kmsagent.app import AgentApp
 from kmsagent.cache import SecretCache
+from kmsagent.checks import CacheKey
 from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
 from kmsagent.formats import response_format
@@ -23,6 +24,7 @@ from kmsagent.metrics import Metrics
 from kmsagent.notify import READY, SILENT, STOPPING, Notifier
 from kmsagent.refresher import Refresher
 from kmsagent.reload import reload_on_sighup
+from kmsagent.roles import DEFAULT_REFUSAL_TTL, RoleSessions
 from kmsagent.server import HttpServer
 from kmsagent.store import CachedSecret, SecretStore
 from kmsagent.token import TokenSource
@@ -56,7 +58,7 @@ async def run_agent(
     kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
     async with kms_client as kms, trio.open_nursery() as nursery:
         nursery.start_soon(notifier.watchdog)  # first, so a long Prefetch does not miss a ping
-        cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
+        cache: SecretCache[CacheKey, CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
             ttl=config.cache.ttl_seconds,
             loads=nursery,
@@ -68,7 +70,11 @@ async def run_agent(
         formatter = response_format(
             config.server.response_type, region=config.kms.region, lease_seconds=lambda: cache.ttl
         )
-        store = SecretStore(cache, kms, formatter, clock=clock)
+        refusal_ttl = getattr(config.cache, "not_found_ttl_seconds", DEFAULT_REFUSAL_TTL)
+        roles = RoleSessions.from_config(
+            config.credentials, credentials, region=config.kms.region, cache=cache, tasks=nursery, refusal_ttl=refusal_ttl, clock=clock
+        )
+        store = SecretStore(cache, kms, formatter, clock=clock, roles=roles.session)
         refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
         app = AgentApp(config=config.server, token=token, store=store, response_format=formatter, metrics=metrics)
         server = HttpServer(
@@ -82,6 +88,7 @@ async def run_agent(
         metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)
         metrics.watch("kmsagent_refreshes", "Background refreshes started.", lambda: refresher.started, counter=True)
         metrics.watch("kmsagent_connections_open", "HTTP connections open.", lambda: server.slots.open)
+        metrics.watch("kmsagent_active_roles", "Per-request roles with an STS session now (at most 20).", lambda: len(roles))
         metrics.watch("kmsagent_log_lines_dropped", "Log lines a sink dropped: it could not keep up.", dropped_lines, counter=True)
         metrics.watch(
             "kmsagent_credentials_expiry_timestamp_seconds", "When the KMS credentials expire.", credentials.expiration
@@ -94,6 +101,7 @@ async def run_agent(
                 serve_stale=reloaded.server.ignore_transient_errors,
                 max_stale=reloaded.cache.max_stale_seconds or None,
             )
+            roles.refusal_ttl = getattr(reloaded.cache, "not_found_ttl_seconds", DEFAULT_REFUSAL_TTL)
 
         nursery.start_soon(token.watch)
         nursery.start_soon(credentials.run)

@@ -130,8 +130,11 @@ class KmsClient:
         version_id: str = "",
         version_stage: str = "",
         queued: Callable[[], AbstractContextManager[object]] = nullcontext,
+        credentials: CredentialSource | None = None,
     ) -> SecretValue:
         """The secret as KMS returns it; raises `AgentError` subclasses with SPEC §3 statuses.
+
+        `credentials`: a per-request role's session instead of the agent's own (SPEC §6).
 
         5xx, 3xx, timeouts, connection errors and `Rejected.Throttling` are retried up to
         MaxRetries times with exponential back-off and jitter (at least `x-acs-retry-after`). An
@@ -144,16 +147,17 @@ class KmsClient:
             query["VersionId"] = version_id
         if version_stage:
             query["VersionStage"] = version_stage
+        source = self._credentials if credentials is None else credentials
         renewed = False
         attempt = 0
         while True:
-            credentials = await self._credentials.current()
+            signing = await source.current()
             try:
-                return await self._attempt(query, credentials, queued)
+                return await self._attempt(query, signing, queued)
             except KmsError as error:
                 if error.code in TOKEN_REJECTED_CODES and not renewed:
                     renewed = True
-                    if await self._credentials.rejected(credentials):
+                    if await source.rejected(signing):
                         continue
                 if not error.is_transient:
                     raise

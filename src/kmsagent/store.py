@@ -17,10 +17,12 @@ from loguru import logger
 
 from kmsagent import redact
 from kmsagent.cache import Outcome, SecretCache, queued
-from kmsagent.checks import DEFAULT_STAGE, SecretQuery
+from kmsagent.checks import DEFAULT_STAGE, CacheKey, SecretQuery
+from kmsagent.credentials import CredentialSource
 from kmsagent.errors import AgentError
 from kmsagent.formats import ResponseFormat
 from kmsagent.kms import KmsClient, SecretValue
+from kmsagent.roles import refuse_roles
 
 
 
@@ -37,13 +39,16 @@ class SecretStore:
 
     def __init__(
         self,
-        cache: SecretCache[tuple[str, str, str], CachedSecret],
+        cache: SecretCache[CacheKey, CachedSecret],
         kms: KmsClient,
         response_format: ResponseFormat,
         *,
         clock: Callable[[], float] = time.time,
+        roles: Callable[[str], CredentialSource] = refuse_roles,
     ) -> None:
+        """`roles`: a query's role → its session (raises RoleNotAllowed, StsRefused): roles.py."""
         self.cache = cache
+        self._roles = roles
         cache.released = self._released
         self._kms = kms
         self._format = response_format
@@ -51,10 +56,15 @@ class SecretStore:
 
     async def get(self, query: SecretQuery, *, keep_loading: bool = False) -> tuple[CachedSecret, Outcome]:
         """The secret for `query`; `keep_loading`: its load goes on even if this read gives up."""
+        credentials = self._roles(query.role) if query.role else None  # before the cache: SPEC §3's order
 
         async def load() -> CachedSecret:
             secret = await self._kms.get_secret_value(
-                query.secret_id, version_id=query.version_id, version_stage=query.version_stage, queued=queued
+                query.secret_id,
+                version_id=query.version_id,
+                version_stage=query.version_stage,
+                queued=queued,
+                credentials=credentials,
             )
             cached = CachedSecret(secret, self._format.secret(secret))
             redact.hold_secret(secret.data)  # until `_released`: the cache sees every value once
