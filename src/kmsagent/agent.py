@@ -15,6 +15,7 @@ from loguru import logger
 from kmsagent import errors
 from kmsagent.app import AgentApp
 from kmsagent.cache import SecretCache
+from kmsagent.checks import CacheKey
 from kmsagent.config import Config
 from kmsagent.credentials import CredentialSource
 from kmsagent.files import FileSet
@@ -26,6 +27,7 @@ from kmsagent.notify import READY, SILENT, STOPPING, Notifier
 from kmsagent.processes import child_environment
 from kmsagent.refresher import Refresher
 from kmsagent.reload import reload_on_sighup
+from kmsagent.roles import RoleSessions
 from kmsagent.server import HttpServer
 from kmsagent.store import CachedSecret, SecretStore
 from kmsagent.supervisor import Supervisor, first
@@ -63,7 +65,7 @@ async def run_agent(
     kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
     async with kms_client as kms, trio.open_nursery() as nursery:
         nursery.start_soon(notifier.watchdog)  # first, so a long Prefetch does not miss a ping
-        cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
+        cache: SecretCache[CacheKey, CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
             ttl=config.cache.ttl_seconds,
             loads=nursery,
@@ -75,6 +77,15 @@ async def run_agent(
         formatter = response_format(
             config.server.response_type, region=config.kms.region, lease_seconds=lambda: cache.ttl
         )
+        roles = RoleSessions.from_config(
+            config.credentials,
+            credentials,
+            region=config.kms.region,
+            cache=cache,
+            tasks=nursery,
+            refusal_ttl=config.cache.not_found_ttl_seconds,
+            clock=clock,
+        )
         store = SecretStore(
             cache,
             kms,
@@ -82,6 +93,7 @@ async def run_agent(
             clock=clock,
             request_timeout=config.server.request_timeout_ms / 1000,
             not_found_ttl=config.cache.not_found_ttl_seconds,
+            roles=roles.session,
         )
         refresher = Refresher(
             cache,
@@ -106,6 +118,7 @@ async def run_agent(
             "kmsagent_refresh_batches", "Batched refreshes started (BatchGetSecretValue).", lambda: refresher.batches, counter=True
         )
         metrics.watch("kmsagent_connections_open", "HTTP connections open.", lambda: server.slots.open)
+        metrics.watch("kmsagent_active_roles", "Per-request roles with an STS session now (at most 20).", lambda: len(roles))
         metrics.watch("kmsagent_log_lines_dropped", "Log lines a sink dropped: it could not keep up.", dropped_lines, counter=True)
         metrics.watch(
             "kmsagent_credentials_expiry_timestamp_seconds", "When the KMS credentials expire.", credentials.expiration
@@ -118,6 +131,7 @@ async def run_agent(
                 serve_stale=reloaded.server.ignore_transient_errors,
                 max_stale=reloaded.cache.max_stale_seconds or None,
             )
+            roles.refusal_ttl = reloaded.cache.not_found_ttl_seconds
 
         nursery.start_soon(token.watch)
         nursery.start_soon(credentials.run)
@@ -183,7 +197,7 @@ async def write_files_once(
     wait, and returns one line per file not written. No port is opened."""
     formatter = response_format(config.server.response_type, region=config.kms.region, lease_seconds=lambda: config.cache.ttl_seconds)
     async with KmsClient.open(config.kms, credentials, clock=clock) as kms, trio.open_nursery() as nursery:
-        cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(
+        cache: SecretCache[CacheKey, CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,
             ttl=config.cache.ttl_seconds,
             loads=nursery,

@@ -111,6 +111,8 @@ class _Flight(Generic[K, V]):
     abandonable: bool = False
     #: The load is waiting its turn (inside `queued()`): abandoning it costs nothing.
     queued: bool = False
+    #: Its key was dropped (`drop_where`) while it ran: readers get the value, the cache keeps none.
+    discard: bool = False
 
     def abandon_if_unwanted(self) -> None:
         """Cancels a queued miss-load that no reader waits for; new readers start a new one."""
@@ -418,6 +420,8 @@ class SecretCache(Generic[K, V]):
         else:
             if flight.scope.cancelled_caught:
                 flight.error = LoadCancelled(f"load of {key!r} was abandoned: nobody waited for it")
+            elif flight.discard:
+                self.released(flight.value)  # type: ignore[arg-type]
             else:
                 self._store(key, flight.value, load, trio.current_time() - started)  # type: ignore[arg-type]
         finally:
@@ -457,6 +461,16 @@ class SecretCache(Generic[K, V]):
             self._forget(victim, self._entries.pop(victim))
         if self.policy is not None and key in self._entries:
             self.policy.loaded(key, entry)
+
+    def drop_where(self, predicate: Callable[[K], bool]) -> int:
+        """Drops the entries whose key `predicate` accepts, and the values their running loads
+        bring (readers still get them): a dropped per-request role takes its entries with it."""
+        keys = [key for key in self._entries if predicate(key)]
+        for key in keys:
+            self._forget(key, self._entries.pop(key))
+        for key, flight in self._flights.items():
+            flight.discard = flight.discard or predicate(key)
+        return len(keys)
 
     def _forget(self, key: K, entry: Entry[V]) -> None:
         """`entry` has left the cache: its refresh schedule and its value go too."""

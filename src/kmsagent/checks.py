@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from kmsagent.config import ServerConfig
+from kmsagent.config import ServerConfig, is_role_arn
 from kmsagent.errors import AgentError
 
 MAX_ID_BYTES = 1024
@@ -21,6 +21,8 @@ SECRETS_MANAGER_PATH = b"/secretsmanager/get"
 ALLOWED_HOSTS = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
 REFRESH_VALUES = {"true": True, "1": True, "false": False, "0": False}
 Headers = Sequence[tuple[bytes, bytes]]
+#: (role, secretId, versionId, versionStage): SPEC §5; role "" is the agent's own credentials.
+CacheKey = tuple[str, str, str, str]
 
 
 class Route(enum.Enum):
@@ -36,10 +38,12 @@ class SecretQuery:
     version_id: str = ""
     version_stage: str = DEFAULT_STAGE
     refresh: bool = False
+    #: A per-request role's ARN, its name lower-cased (RAM names ignore case); "" = the agent's own.
+    role: str = ""
 
     @property
-    def cache_key(self) -> tuple[str, str, str]:
-        return (self.secret_id, self.version_id, self.version_stage)
+    def cache_key(self) -> CacheKey:
+        return (self.role, self.secret_id, self.version_id, self.version_stage)
 
 
 def check_request(
@@ -70,11 +74,11 @@ def check_request(
     if route is not None:
         return route
     if path == SECRETS_MANAGER_PATH:
-        params = _parse_query(query_string, ("secretId", "versionId", "versionStage", "refreshNow"))
+        params = _parse_query(query_string, ("secretId", "versionId", "versionStage", "refreshNow", "roleArn"))
         return _secret_query(params.pop("secretId", ""), params)
     prefix = config.path_prefix.encode()
     if path.startswith(prefix):
-        params = _parse_query(query_string, ("versionId", "versionStage", "refreshNow"))
+        params = _parse_query(query_string, ("versionId", "versionStage", "refreshNow", "roleArn"))
         return _secret_query(_decode(path[len(prefix) :], "secret id"), params)
     raise AgentError(404, "NotFound", "unknown path")
 
@@ -130,7 +134,10 @@ def _secret_query(secret_id: str, params: dict[str, str]) -> SecretQuery:
     version_id = params.get("versionId", "")
     # KMS rejects a VersionId beside a stage it does not carry, so the default stage goes alone.
     version_stage = params.get("versionStage", "" if version_id else DEFAULT_STAGE)
-    return SecretQuery(secret_id, version_id, version_stage, REFRESH_VALUES[refresh_text])
+    role = params.get("roleArn", "")
+    if "roleArn" in params and not is_role_arn(role):  # AllowedRoleArns is the store's check, next in order
+        raise AgentError(400, "InvalidParameter", "roleArn must be acs:ram::<account-id>:role/<name>")
+    return SecretQuery(secret_id, version_id, version_stage, REFRESH_VALUES[refresh_text], role.lower())
 
 
 def _decode(raw: bytes, what: str) -> str:

@@ -27,12 +27,14 @@ from loguru import logger
 
 from kmsagent import redact
 from kmsagent.cache import Batch, Outcome, SecretCache, WaitTimedOut, queued
-from kmsagent.checks import DEFAULT_STAGE, SecretQuery
+from kmsagent.checks import DEFAULT_STAGE, CacheKey, SecretQuery
+from kmsagent.credentials import CredentialSource
 from kmsagent.errors import NOT_FOUND, AgentError, KmsError, UpstreamTimeout
 from kmsagent.formats import ResponseFormat
 from kmsagent.kms import KmsClient, SecretValue
+from kmsagent.roles import refuse_roles
 
-Key = tuple[str, str, str]
+Key = CacheKey
 #: The batch group of keys signed with the agent's own credentials. Per-request roles (SPEC §6)
 #: will give each role's keys the role as their group: batches never mix credentials.
 AGENT_CREDENTIALS = "agent"
@@ -61,13 +63,16 @@ class SecretStore:
         clock: Callable[[], float] = time.time,
         request_timeout: float = math.inf,
         not_found_ttl: float = 0.0,
+        roles: Callable[[str], CredentialSource] = refuse_roles,
     ) -> None:
+        """`roles`: a query's role → its session (raises RoleNotAllowed, StsRefused): roles.py."""
         self.cache = cache
+        self._roles = roles
         cache.released = self._released
         self._kms = kms
         self._format = response_format
         self._clock = clock
-        self._next_load: dict[tuple[str, str, str], trio.Event] = {}
+        self._next_load: dict[Key, trio.Event] = {}
         self._request_timeout = request_timeout
         self._not_found_ttl = not_found_ttl
         #: key -> (until when, KMS's code and message) of a remembered not-found answer.
@@ -84,11 +89,16 @@ class SecretStore:
         key = query.cache_key
         if not query.refresh:
             self._raise_if_not_found(key)
+        credentials = self._roles(query.role) if query.role else None  # before the cache: SPEC §3's order
 
         async def load() -> CachedSecret:
             try:
                 secret = await self._kms.get_secret_value(
-                    query.secret_id, version_id=query.version_id, version_stage=query.version_stage, queued=queued
+                    query.secret_id,
+                    version_id=query.version_id,
+                    version_stage=query.version_stage,
+                    queued=queued,
+                    credentials=credentials,
                 )
             except KmsError as error:
                 self._note_not_found(key, error)
@@ -116,7 +126,7 @@ class SecretStore:
     def _released(cached: CachedSecret) -> None:
         redact.release_secret(cached.secret.data)
 
-    def next_load(self, key: tuple[str, str, str]) -> trio.Event:
+    def next_load(self, key: Key) -> trio.Event:
         """Set when the next load of `key` ends, with a value or an error (a refresh-ahead, a
         rotation reload, a client's refreshNow, a miss): how files and a child's environment
         follow their secrets without polling. Waiters run after the cache has stored the result."""
@@ -151,9 +161,10 @@ class SecretStore:
 
     def batch_group(self, key: Key) -> Hashable | None:
         """The credentials `key`'s refresh is signed with, when it may share a BatchGetSecretValue
-        call: an ACSCurrent entry without a VersionId, while batching is on; else None."""
-        _, version_id, version_stage = key
-        if not self._kms.batching or version_id or version_stage != DEFAULT_STAGE:
+        call: an ACSCurrent entry without a VersionId, of the agent's own credentials (a role's
+        entries refresh one by one, each with its session), while batching is on; else None."""
+        role, _, version_id, version_stage = key
+        if role or not self._kms.batching or version_id or version_stage != DEFAULT_STAGE:
             return None
         return AGENT_CREDENTIALS
 
@@ -163,7 +174,7 @@ class SecretStore:
         A per-secret error is that secret's answer (transient or final, SPEC §5). A failure of the
         whole call answers none: the cache then refreshes each key with its own call.
         """
-        names = {secret_id: (secret_id, version_id, stage) for secret_id, version_id, stage in batch.keys}
+        names = {key[1]: key for key in batch.keys}
         try:
             answers = await self._kms.batch_get_secret_values(list(names))
         except AgentError as error:

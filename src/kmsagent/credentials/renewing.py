@@ -58,7 +58,6 @@ class RenewingCredentials:
         self._clock = clock
         self._credentials: Credentials | None = None
         self._refusal: Callable[[], AgentError] | None = None  # the last fetch's refusal, until one succeeds
-        self._changed = trio.Event()  # set, then replaced, each time new credentials arrive
         self._renew_now = trio.Event()
         self._fetching = False
         self._last_forced = -math.inf  # trio.current_time() of the last renewal a rejection asked for
@@ -121,7 +120,7 @@ class RenewingCredentials:
             while (credentials := self._valid()) is None:
                 if self._refusal is not None and not self._fetching:
                     raise self._refusal()
-                await self._changed.wait()
+                await self._fetched.wait()  # new credentials, or a refusal to answer at once (not in 2 s)
             return credentials
         raise self._refusal() if self._refusal is not None else self._unavailable()
 
@@ -160,8 +159,6 @@ class RenewingCredentials:
         self._credentials = credentials
         self._refusal = None
         self.fetches += 1
-        self._changed.set()
-        self._changed = trio.Event()
 
     def _checked(self, document: object, issuer: str) -> Credentials:
         """STS credentials from a JSON object with SPEC §6's field names; errors name fields only."""

@@ -194,7 +194,7 @@ class AssumeRoleSession(RenewingCredentials):
             "has not provided any (see the agent's log)"
         )
 
-    async def _fetch(self, http: httpx.AsyncClient) -> Credentials:
+    async def _fetch(self, http: httpx.AsyncClient, *, retry: bool = True) -> Credentials:
         try:
             source = await self._source.current()
         except AgentError as error:
@@ -209,8 +209,8 @@ class AssumeRoleSession(RenewingCredentials):
         code = document.get("Code") if isinstance(document, dict) else None
         code = code if isinstance(code, str) and _CODE.fullmatch(code) else f"HTTP{response.status_code}"
         if 400 <= response.status_code < 500:
-            if code in SOURCE_REJECTED_CODES:
-                await self._source.rejected(source)  # renewed source credentials sign the next try
+            if code in SOURCE_REJECTED_CODES and await self._source.rejected(source) and retry:
+                return await self._fetch(http, retry=False)  # renewed source credentials: try once more now
             refusal = partial(StsRefused, code, self._request.role_arn)
             raise FetchError(f"STS at {host} refused AssumeRole of {self._request.role_arn}: {code}", refusal=refusal)
         if response.status_code != 200:

@@ -116,8 +116,11 @@ class KmsClient:
         version_id: str = "",
         version_stage: str = "",
         queued: Queued = nullcontext,
+        credentials: CredentialSource | None = None,
     ) -> SecretValue:
         """The secret as KMS returns it; raises `AgentError` subclasses with SPEC §3 statuses.
+
+        `credentials`: a per-request role's session instead of the agent's own (SPEC §6).
 
         A transient failure (errors.is_transient) moves the call to the next endpoint that it has
         not tried yet, at once; when each has been tried it is retried up to MaxRetries times with
@@ -132,7 +135,14 @@ class KmsClient:
         if version_stage:
             query["VersionStage"] = version_stage
         return await self._call(
-            GET_SECRET_VALUE, query, parse_secret, MAX_ANSWER_BYTES, self._config.max_retries, queued, secret_id
+            GET_SECRET_VALUE,
+            query,
+            parse_secret,
+            MAX_ANSWER_BYTES,
+            self._config.max_retries,
+            queued,
+            secret_id,
+            self._credentials if credentials is None else credentials,
         )
 
     async def batch_get_secret_values(
@@ -180,12 +190,14 @@ class KmsClient:
         max_retries: int,
         queued: Queued,
         what: str,
+        source: CredentialSource | None = None,
     ) -> T:
+        source = self._credentials if source is None else source
         renewed = False
         retries = 0
         tried: set[str] = set()
         while True:
-            credentials = await self._credentials.current()
+            credentials = await source.current()
             host = self.endpoints.pick(exclude=tried) or self.endpoints.pick()
             assert host is not None
             try:
@@ -193,7 +205,7 @@ class KmsClient:
             except AgentError as error:
                 if error.code in TOKEN_REJECTED_CODES and not renewed:
                     renewed = True
-                    if await self._credentials.rejected(credentials):
+                    if await source.rejected(credentials):
                         continue
                 if not is_transient(error):
                     self.endpoints.succeeded(host)  # it answered: the answer is the secret's
