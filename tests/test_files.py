@@ -147,7 +147,7 @@ class SlowKms:
         self.calls = 0
 
     async def get_secret_value(
-        self, name: str, *, version_id: str, version_stage: str, queued: object = None
+        self, name: str, *, version_id: str, version_stage: str, queued: object = None, credentials: object = None
     ) -> SecretValue:
         self.calls += 1
         await trio.sleep(1.0)
