@@ -27,7 +27,7 @@ from kmsagent.config import _FILE_KEYS, ConfigError, FileConfig, parse_config
 from kmsagent.emulator import KmsEmulator
 from kmsagent.files import OnChange, render, sync_file, write_atomic
 from kmsagent.kms import SecretValue
-from kmsagent.checks import SecretQuery
+from kmsagent.checks import CacheKey, SecretQuery
 from kmsagent.formats import response_format
 from kmsagent.pinned import PinnedSecret
 from kmsagent.processes import run_bounded
@@ -162,7 +162,7 @@ async def test_a_followed_secret_is_reloaded_before_expiry_even_when_the_refresh
 ) -> None:
     """No refresher at all (the worst backlog): the follower's backstop reloads ahead of expiry,
     so the entry is never expired and every reload reaches the consumer, one KMS call per TTL."""
-    cache: SecretCache[tuple[str, str, str], CachedSecret] = SecretCache(max_entries=10, ttl=10, loads=nursery)
+    cache: SecretCache[CacheKey, CachedSecret] = SecretCache(max_entries=10, ttl=10, loads=nursery)
     kms = SlowKms()
     store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: 10))  # type: ignore[arg-type]
     seen: list[str] = []
@@ -174,7 +174,7 @@ async def test_a_followed_secret_is_reloaded_before_expiry_even_when_the_refresh
     await trio.sleep(1.5)  # the first load
     for _ in range(120):
         await trio.sleep(0.5)
-        entry = cache.peek(("s", "", "ACSCurrent"))
+        entry = cache.peek(SecretQuery("s").cache_key)
         assert entry is not None and entry.expires_at > trio.current_time()
     assert 6 <= kms.calls <= 8 and seen == [f"value-{n}" for n in range(1, len(seen) + 1)] and len(seen) >= kms.calls - 1
 
