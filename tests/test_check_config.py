@@ -52,3 +52,28 @@ def test_check_config_exits_2_when_the_credential_source_lacks_its_variables(tmp
     assert ok.returncode == 0, ok.stderr
     assert "secret-value-x" not in ok.stdout + ok.stderr
     assert not os.path.exists(tmp_path / "logs")
+
+
+def test_check_config_notes_a_files_folder_this_user_cannot_write(tmp_path: Path) -> None:
+    """An immutable folder (chattr +i) stands for one the agent may not write: another owner's,
+    read-only, or outside a systemd unit's ReadWritePaths=. Root passes every other access check."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "out"
+    folder.mkdir(mode=0o755)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[Log]\nPath = ""\n[[Files]]\nSecretId = "s"\nPath = "{folder}/f"\n'
+    )
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        result = run_cli("--check-config", "--config", str(config))
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
+    assert result.returncode == 0, result.stderr
+    assert "[[Files]] #1" in result.stderr and "not writable" in result.stderr and "ReadWritePaths" in result.stderr
+    writable = run_cli("--check-config", "--config", str(config))
+    assert writable.returncode == 0 and "not writable" not in writable.stderr

@@ -29,6 +29,7 @@ from kmsagent.config import (
     ServerConfig,
     check_log_folder,
     check_unix_socket,
+    files_folder_notes,
     dump_config,
     load_config,
     with_command,
@@ -149,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             check_log_folder(config.log)
             _, notes = check_unix_socket(config.server, starting=False)
+            notes += files_folder_notes(config)
             check_credentials(config.credentials, os.environ, region=config.kms.region)  # variables and files
         except ConfigError as error:
             return _fail(EXIT_USAGE, f"config error: {error}")

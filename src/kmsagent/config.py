@@ -963,6 +963,24 @@ def _unwritable_folder(folder: Path) -> str | None:
     return None
 
 
+def files_folder_notes(config: Config) -> list[str]:
+    """`--check-config` notes for `[[Files]]` folders this process may not write (issue 16).
+
+    Parsing already refused folders that are missing or writable by others; a folder the agent
+    cannot write to (another owner's, read-only, or outside a systemd unit's `ReadWritePaths=`)
+    is only known when the first write fails, so `--check-config` says so ahead.
+    """
+    notes = []
+    for number, file in enumerate(config.files, start=1):
+        folder = os.path.dirname(file.path) or "/"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            notes.append(
+                f"[[Files]] #{number} Path = {_show_path(file.path)}: its folder {folder} is not writable by this "
+                "user; under the installed systemd unit add it with the files-folders.conf drop-in (ReadWritePaths=)"
+            )
+    return notes
+
+
 def check_unix_socket(server: ServerConfig, *, starting: bool) -> tuple[int | None, list[str]]:
     """The gid that `[Server] UnixSocketGroup` names (None without a socket), and notes.
 
