@@ -592,13 +592,15 @@ async def test_scripts_dev_passes_the_port_on(tmp_path: Path) -> None:
     (tmp_path / "scripts").mkdir()
     for name in ("dev", "_venv.sh"):
         shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for name in ("pyproject.toml", "requirements.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
     venv_bin = tmp_path / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     (venv_bin / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     (venv_bin / "python").chmod(0o755)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
-    (tmp_path / ".venv" / f".installed-{digest}").touch()
+    for stamp, name in ((".lock", "requirements.lock"), (".project", "pyproject.toml")):  # as _venv.sh names them
+        digest = hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:16]
+        (tmp_path / ".venv" / f"{stamp}-{digest}").touch()
     port = free_port()
     with (tmp_path / "stderr.txt").open("wb") as stderr:
         process = await trio.lowlevel.open_process(

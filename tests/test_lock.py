@@ -87,9 +87,15 @@ def runtime_lock() -> dict[NormalizedName, Pin]:
 
 
 def installed() -> dict[NormalizedName, str]:
-    """What this interpreter imports from: name → version (the first of a name on sys.path wins)."""
+    """What this interpreter imports from: name → version (the first of a name on sys.path wins).
+
+    Importing setuptools (a test that builds the wheel does) puts its `_vendor` folder on sys.path;
+    the copies there belong to setuptools, not to the venv, and are left out.
+    """
     found: dict[NormalizedName, str] = {}
     for dist in importlib.metadata.distributions():
+        if "_vendor" in Path(str(dist.locate_file(""))).parts:
+            continue
         found.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
     return found
 
