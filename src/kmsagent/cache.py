@@ -35,6 +35,8 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
+from kmsagent.changes import Changes
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 Load = Callable[[], Awaitable[V]]
@@ -173,6 +175,8 @@ class SecretCache(Generic[K, V]):
         #: Called once with every value a load produced, when the cache lets go of it.
         self.released: Callable[[V], None] = lambda value: None
         self.evictions = 0
+        #: Announces each stored value and each final failure per key (held reads wait on it).
+        self.changes: Changes[K] = Changes()
 
     def configure(self, *, ttl: float, serve_stale: bool, max_stale: float | None) -> None:
         """New rules (a config reload); a shorter TTL applies to the values already cached."""
@@ -310,6 +314,7 @@ class SecretCache(Generic[K, V]):
         if not self._is_transient(error):
             del self._entries[key]
             self._forget(key, entry)
+            self.changes.announce(key, error)
             return
         entry.failures += 1
         backoff = min(RETRY_CAP, RETRY_BASE * 2 ** (entry.failures - 1))
@@ -333,6 +338,7 @@ class SecretCache(Generic[K, V]):
             self._forget(*self._entries.popitem(last=False))
         if self.policy is not None:
             self.policy.loaded(key, entry)
+        self.changes.announce(key)
 
     def _forget(self, key: K, entry: Entry[V]) -> None:
         """`entry` has left the cache: its refresh schedule and its value go too."""
