@@ -35,6 +35,7 @@ class ServerConfig:
     response_type: int = 0
     ignore_transient_errors: bool = True
     bind_ipv6: bool = False
+    max_wait_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Server", "ResponseType", "response_type", _int_in(0, 2)),
     _Key("Server", "IgnoreTransientErrors", "ignore_transient_errors", _bool),
     _Key("Server", "BindIPv6", "bind_ipv6", _bool),
+    _Key("Server", "MaxWaitSeconds", "max_wait_seconds", _int_in(0, 3600)),
     _Key("Cache", "CacheSize", "cache_size", _int_in(1, 1000)),
     _Key("Cache", "TtlSeconds", "ttl_seconds", _int_in(0, 3600)),
     _Key("Cache", "MaxStaleSeconds", "max_stale_seconds", _int_in(0, 31_536_000)),

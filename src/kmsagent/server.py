@@ -22,7 +22,7 @@ from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import wrap_app
 from loguru import logger
 
-from kmsagent.app import OVER_LIMIT
+from kmsagent.app import OVER_LIMIT, AgentApp
 from kmsagent.connection import Connection, ErrorBody
 from kmsagent.errors import AgentError
 
@@ -114,7 +114,8 @@ class ConnectionSlots:
 class HttpServer:
     """Serves `app` on loopback; `run` is started in the agent's nursery and returns the port."""
 
-    def __init__(self, app: Any, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody) -> None:
+    def __init__(self, app: AgentApp, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody) -> None:
+        self._agent_app = app
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
         self._config.graceful_timeout = GRACEFUL_TIMEOUT
@@ -163,6 +164,7 @@ class HttpServer:
                 # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT, for
                 # their sends too (shielded, they would otherwise take up to SEND_TIMEOUT).
                 await self._context.terminated.set()
+                self._agent_app.stop_waiting()  # held requests answer 304 now, then their connections close
                 deadline = trio.current_time() + GRACEFUL_TIMEOUT
                 for connection in self._connections:
                     connection.stop(deadline)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import trio
@@ -18,6 +18,7 @@ from loguru import logger
 from kmsagent import redact
 from kmsagent.cache import Outcome, SecretCache, queued
 from kmsagent.checks import DEFAULT_STAGE, SecretQuery
+from kmsagent.conditional import entity_tag
 from kmsagent.errors import AgentError
 from kmsagent.formats import ResponseFormat
 from kmsagent.kms import KmsClient, SecretValue
@@ -30,6 +31,11 @@ class CachedSecret:
 
     secret: SecretValue
     body: bytes
+    #: The `ETag` header's value, `"<VersionId>"` (SPEC §3), rendered once like the body.
+    etag: bytes = field(init=False, default=b"")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "etag", entity_tag(self.secret.version_id))
 
 
 class SecretStore:
