@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import trio
 import trio.testing
 
@@ -52,6 +55,28 @@ def test_if_none_match_is_a_list_of_entity_tags(field: bytes, tags: set[bytes], 
 @pytest.mark.parametrize("field", [b"v1", b'"v1', b'w/"v1"', b'"a" "b"', b'"a\x01"', b",", b""])
 def test_an_if_none_match_that_is_not_entity_tags_is_ignored(field: bytes) -> None:
     assert read_conditions([(b"if-none-match", field), (b"prefer", b"wait=5")]) is None
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b" " * 16_000 + b"x", b", " * 8_000 + b"x", b'"a" ,' * 3_000 + b"x", b'"' + b" " * 16_000, b"W/" * 8_000],
+)
+def test_hostile_if_none_match_values_cost_linear_time(field: bytes) -> None:
+    """16 KB (h11's limit for a request head) of blanks took 4.3 s of the event loop when the
+    list pattern could split a run of blanks two ways."""
+    started = time.perf_counter()
+    assert read_conditions([(b"if-none-match", field), (b"prefer", field)]) is None
+    assert time.perf_counter() - started < 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=3), st.lists(st.binary(max_size=64), max_size=3))
+def test_any_header_bytes_parse_without_raising(if_none_match: list[bytes], prefer: list[bytes]) -> None:
+    headers = [(b"if-none-match", value) for value in if_none_match] + [(b"prefer", value) for value in prefer]
+    conditions = read_conditions(headers)
+    if conditions is not None:
+        assert conditions.tags or conditions.any_tag
+        assert conditions.wait is None or 0 <= conditions.wait <= 10**9
 
 
 def test_repeated_if_none_match_fields_make_one_list_and_prefer_alone_is_nothing() -> None:
