@@ -236,12 +236,12 @@ class SecretCache(Generic[K, V]):
         #: Keys that feed files or a child's environment (SPEC §5): never evicted by LRU, and
         #: refreshed ahead whether or not anyone reads them (the refresh policy asks).
         self.pinned: set[K] = set()
+        #: Announces each stored value and each final failure per key (held reads wait on it).
+        self.changes: Changes[K] = Changes()
 
     def pin(self, key: K) -> None:
         """Keeps `key` always hot. When pinned keys fill the cache, other values are served but not kept."""
         self.pinned.add(key)
-        #: Announces each stored value and each final failure per key (held reads wait on it).
-        self.changes: Changes[K] = Changes()
 
     def configure(self, *, ttl: float, serve_stale: bool, max_stale: float | None) -> None:
         """New rules (a config reload); a shorter TTL applies to the values already cached."""
