@@ -42,6 +42,8 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
+from kmsagent.changes import Changes
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 Load = Callable[[], Awaitable[V]]
@@ -234,6 +236,8 @@ class SecretCache(Generic[K, V]):
         #: Keys that feed files or a child's environment (SPEC §5): never evicted by LRU, and
         #: refreshed ahead whether or not anyone reads them (the refresh policy asks).
         self.pinned: set[K] = set()
+        #: Announces each stored value and each final failure per key (held reads wait on it).
+        self.changes: Changes[K] = Changes()
 
     def pin(self, key: K) -> None:
         """Keeps `key` always hot. When pinned keys fill the cache, other values are served but not kept."""
@@ -434,6 +438,7 @@ class SecretCache(Generic[K, V]):
         if not self._is_transient(error):
             del self._entries[key]
             self._forget(key, entry)
+            self.changes.announce(key, error)
             return
         entry.failures += 1
         backoff = min(RETRY_CAP, RETRY_BASE * 2 ** (entry.failures - 1))
@@ -461,6 +466,7 @@ class SecretCache(Generic[K, V]):
             self._forget(victim, self._entries.pop(victim))
         if self.policy is not None and key in self._entries:
             self.policy.loaded(key, entry)
+        self.changes.announce(key)
 
     def drop_where(self, predicate: Callable[[K], bool]) -> int:
         """Drops the entries whose key `predicate` accepts, and the values their running loads

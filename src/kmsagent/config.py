@@ -46,6 +46,7 @@ class ServerConfig:
     unix_socket_mode: str = "0660"
     unix_socket_group: str = ""
     request_timeout_ms: int = 30000
+    max_wait_seconds: int = 300
 
 
 @dataclass(frozen=True)
@@ -626,6 +627,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("Server", "UnixSocketMode", "unix_socket_mode", _unix_socket_mode),
     _Key("Server", "UnixSocketGroup", "unix_socket_group", _unix_socket_group),
     _Key("Server", "RequestTimeoutMs", "request_timeout_ms", _int_in(1000, 120_000)),
+    _Key("Server", "MaxWaitSeconds", "max_wait_seconds", _int_in(0, 3600)),
     _Key("Cache", "CacheSize", "cache_size", _int_in(1, 1000)),
     _Key("Cache", "TtlSeconds", "ttl_seconds", _int_in(0, 3600)),
     _Key("Cache", "MaxStaleSeconds", "max_stale_seconds", _int_in(0, 31_536_000)),

@@ -28,7 +28,7 @@ from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import wrap_app
 from loguru import logger
 
-from kmsagent.app import OVER_LIMIT
+from kmsagent.app import OVER_LIMIT, AgentApp
 from kmsagent.config import ConfigError, ServerConfig, check_unix_socket
 from kmsagent.connection import Connection, ErrorBody
 from kmsagent.errors import AgentError
@@ -253,8 +253,9 @@ class HttpServer:
     """
 
     def __init__(
-        self, app: Any, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody, unix: ServerConfig | None = None
+        self, app: AgentApp, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody, unix: ServerConfig | None = None
     ) -> None:
+        self._agent_app = app
         self._config = HypercornConfig()
         self._config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
         self._config.keep_alive_max_requests = 2**63  # local clients are never made to reconnect (hypercorn: 1,000)
@@ -326,6 +327,7 @@ class HttpServer:
                 # Idle keep-alive connections close at once; busy ones get GRACEFUL_TIMEOUT, for
                 # their sends too (shielded, they would otherwise take up to SEND_TIMEOUT).
                 await self._context.terminated.set()
+                self._agent_app.stop_waiting()  # held requests answer 304 now, then their connections close
                 deadline = trio.current_time() + GRACEFUL_TIMEOUT
                 for connection in self._connections:
                     connection.stop(deadline)

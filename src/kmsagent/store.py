@@ -19,7 +19,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import trio
@@ -28,6 +28,7 @@ from loguru import logger
 from kmsagent import redact
 from kmsagent.cache import Batch, Outcome, SecretCache, WaitTimedOut, queued
 from kmsagent.checks import DEFAULT_STAGE, CacheKey, SecretQuery
+from kmsagent.conditional import entity_tag
 from kmsagent.credentials import CredentialSource
 from kmsagent.errors import NOT_FOUND, AgentError, KmsError, UpstreamTimeout
 from kmsagent.formats import ResponseFormat
@@ -49,6 +50,11 @@ class CachedSecret:
 
     secret: SecretValue
     body: bytes
+    #: The `ETag` header's value, `"<VersionId>"` (SPEC §3), rendered once like the body.
+    etag: bytes = field(init=False, default=b"")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "etag", entity_tag(self.secret.version_id))
 
 
 class SecretStore:
