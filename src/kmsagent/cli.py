@@ -297,7 +297,7 @@ def _run_until_signal(
     (STOP_DEADLINE; longer with a supervised child), cancels everything. `reloads`: SIGHUP belongs to reload.py; else it is logged and ignored.
     """
     signals.defer_stops()  # the watcher takes from here (a no-op unless __main__ held signals)
-    signals.set_guard_seconds(stop_seconds + signals.GUARD_SECONDS - STOP_DEADLINE)
+    signals.set_stop_deadline(stop_seconds)
     started = False
 
     async def main() -> None:

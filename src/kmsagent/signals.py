@@ -35,6 +35,8 @@ from types import FrameType
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: From the first stop signal to the forced exit; leaves 0.4 s of SPEC §1's 5 s for the kernel.
 GUARD_SECONDS = 4.6
+#: How long after the agent's own stop deadline the guard fires.
+GUARD_MARGIN = 0.6
 
 #: Signal number → how many arrived while only this module's handler listened.
 _held: dict[int, int] = {}
@@ -67,10 +69,11 @@ def defer_stops() -> None:
     _exit_at_once = False
 
 
-def set_guard_seconds(seconds: float) -> None:
-    """How long the guard waits after the first stop (longer with a supervised child, SPEC §1)."""
+def set_stop_deadline(seconds: float) -> None:
+    """The agent cancels what is left `seconds` after the first stop (longer with a supervised
+    child, SPEC §1); the guard fires GUARD_MARGIN later."""
     global GUARD_SECONDS
-    GUARD_SECONDS = seconds
+    GUARD_SECONDS = seconds + GUARD_MARGIN
 
 
 def take(*signums: int) -> int:
