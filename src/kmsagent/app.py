@@ -27,7 +27,7 @@ import trio
 from loguru import logger
 from quart_trio import QuartTrio
 
-from kmsagent.checks import SECRETS_MANAGER_PATH, Route, SecretQuery, check_request
+from kmsagent.checks import SECRETS_MANAGER_PATH, CacheKey, Route, SecretQuery, check_request
 from kmsagent.conditional import Conditions, read_conditions
 from kmsagent.config import ServerConfig
 from kmsagent.errors import AgentError
@@ -194,7 +194,7 @@ class AgentApp(QuartTrio):
         return 200, headers, self.response_format.finish(cached.body)
 
     async def _hold(
-        self, key: tuple[str, str, str], conditions: Conditions, cached: CachedSecret, outcome: str
+        self, key: CacheKey, conditions: Conditions, cached: CachedSecret, outcome: str
     ) -> Answer:
         """Holds a conditional read (`Prefer: wait`): 200 once `key`'s cached version is news to
         the client, 304 when the wait ends or the server stops, or the error that dropped the key.

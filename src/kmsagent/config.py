@@ -836,7 +836,8 @@ def _parse_files(value: Any) -> tuple[FileConfig, ...]:
 
 
 def pinned_secrets(config: Config) -> set[tuple[str, str, str]]:
-    """Cache keys that feed files or the child's environment: always hot, never evicted (SPEC §5)."""
+    """The secrets (id, version, stage) that feed files or the child's environment: always hot,
+    never evicted (SPEC §5); counted against CacheSize. The agent's cache keys add the role ("")."""
     keys = {(file.secret_id, "", file.version_stage) for file in config.files}
     keys |= {(secret_id, "", "ACSCurrent") for secret_id in config.exec.env_secrets}
     return keys
