@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from typing import TypeVar
 
-import httpx
 import trio
 from loguru import logger
 
@@ -23,6 +22,7 @@ from kmsagent.config import KmsConfig
 from kmsagent.credentials import CredentialSource, Credentials
 from kmsagent.errors import THROTTLING, AgentError, KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
 from kmsagent.kms.endpoints import Endpoints
+from kmsagent.kms.transport import AnswerTooLarge, Endpoint, Timeout, Transport, TransportError
 from kmsagent.kms.wire import (
     BATCH_GET_SECRET_VALUE,
     BATCH_LIMIT,
@@ -35,13 +35,14 @@ from kmsagent.kms.wire import (
     parse_batch,
     parse_error,
     parse_secret,
-    post,
     signed_headers,
 )
 
 T = TypeVar("T")
 BACKOFF_BASE = 0.2  # seconds; KMS's guidance is 2^n × 200 ms
-MAX_RETRY_WAIT = 10.0  # a longer x-acs-retry-after is not waited for: the error goes back
+MAX_RETRY_WAIT = 10.0
+#: Seconds an idle connection to KMS is kept open for the next call (httpx's default, which the agent used).
+KEEPALIVE_SECONDS = 5.0  # a longer x-acs-retry-after is not waited for: the error goes back
 TOKEN_REJECTED_CODES = frozenset({"InvalidSecurityToken.Expired", "InvalidSecurityToken.Malformed"})
 #: Whole-batch answers that mean "this KMS (or this RAM policy) has no BatchGetSecretValue for
 #: us": batching stops for the run. `Forbidden.*` (e.g. Forbidden.NoPermission) is matched by prefix.
@@ -62,7 +63,7 @@ class KmsClient:
         self,
         config: KmsConfig,
         credentials: CredentialSource,
-        http: httpx.AsyncClient,
+        http: Transport,
         clock: Callable[[], float] = time.time,
         observe: Observe = _ignore,
     ) -> None:
@@ -72,6 +73,7 @@ class KmsClient:
         self._credentials = credentials
         self._http = http
         self.endpoints = Endpoints(config.endpoints)
+        self._addresses = {host: Endpoint.parse(config.protocol, host) for host in config.endpoints}
         self._in_flight = trio.CapacityLimiter(config.max_concurrent_requests)
         self._attempt_limit = (config.connect_timeout_ms + config.read_timeout_ms) / 1000
         #: BatchRefresh is on and KMS has not refused BatchGetSecretValue (SPEC §5).
@@ -87,22 +89,21 @@ class KmsClient:
         clock: Callable[[], float] = time.time,
         observe: Observe = _ignore,
     ) -> AsyncIterator[KmsClient]:
-        """A client with its own connection pool (for every endpoint), closed on exit."""
-        connect = config.connect_timeout_ms / 1000
+        """A client with its own kept-alive connections (to every endpoint), closed on exit."""
         read = config.read_timeout_ms / 1000
-        verify: ssl.SSLContext | bool = True
-        if config.ca_file_path:
-            verify = ssl.create_default_context(cafile=config.ca_file_path)
-        # Each endpoint may hold every slot's connection: a failover must not wait for the pool.
-        connections = config.max_concurrent_requests * len(config.endpoints)
-        pool = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
-            limits=pool,
-            verify=verify,
-            trust_env=False,
-        ) as http:
+        http = Transport(
+            ssl_context=tls_context(config) if config.protocol == "https" else None,
+            connect_timeout=config.connect_timeout_ms / 1000,
+            read_timeout=read,
+            write_timeout=read,
+            keepalive_seconds=KEEPALIVE_SECONDS,
+            max_idle=config.max_concurrent_requests,
+        )
+        try:
             yield cls(config, credentials, http, clock, observe)
+        finally:
+            with trio.CancelScope(shield=True):
+                await http.aclose()
 
     @property
     def in_flight(self) -> int:
@@ -275,19 +276,31 @@ class KmsClient:
         self, host: str, action: str, query: dict[str, str], credentials: Credentials, parse: Callable[[bytearray], T], limit: int
     ) -> T:
         headers = signed_headers(host, action, query, credentials, self._clock())
-        url = f"{self._config.protocol}://{host}/?{canonical_query(query)}"
+        endpoint = self._addresses[host]
         with trio.move_on_after(self._attempt_limit) as attempt_scope:
             try:
-                response, body = await post(self._http, url, headers, host=host, limit=limit)
-            except httpx.TimeoutException:
+                target = f"/?{canonical_query(query)}"
+                answer = await self._http.post(endpoint, target, list(headers.items()), limit=limit)
+            except Timeout:
                 raise UpstreamTimeout(f"KMS at {host} did not answer in time") from None
-            except httpx.TransportError as error:
+            except TransportError as error:
                 raise UpstreamUnavailable(f"cannot reach KMS at {host}: {describe(error)}") from None
+            except AnswerTooLarge:
+                raise UpstreamUnavailable(f"KMS at {host} answered more than {limit} bytes") from None
         if attempt_scope.cancelled_caught:
             raise UpstreamTimeout(f"KMS at {host} did not answer in time")
-        if response.status_code == 200:
-            return parse(body)
-        raise parse_error(response, body)
+        if answer.status == 200:
+            return parse(answer.body)
+        raise parse_error(answer, endpoint.host)
+
+
+def tls_context(config: KmsConfig) -> ssl.SSLContext:
+    """The TLS context of KMS calls: CaFilePath's CAs, else certifi's bundle (httpx's default)."""
+    if config.ca_file_path:
+        return ssl.create_default_context(cafile=config.ca_file_path)
+    import certifi  # only for https: a start against a plain-http emulator does not load it
+
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def _backoff(attempt: int, retry_after: float | None) -> float | None:

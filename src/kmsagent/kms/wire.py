@@ -1,10 +1,13 @@
 """One KMS call on the wire: the signed request, the bounded answer, and what the answer means.
 
-We keep the SDK's response models (`GetSecretValueResponseBody`, `BatchGetSecretValueResponseBody`)
-and sign with signing.py, our own copy of its ACS3-HMAC-SHA256 signer checked byte for byte against
-`Utils.get_authorization` in the tests (importing the SDK's signer module costs 48 MB and 0.3 s:
-aiohttp, apscheduler, urllib3, cryptography). The request goes over httpx, which runs on trio
-natively (NOTES.md: the SDK's clients do not).
+Signed with signing.py, our own copy of the SDK's ACS3-HMAC-SHA256 signer checked byte for byte
+against `Utils.get_authorization` in the tests (importing the SDK's signer module costs 48 MB and
+0.3 s: aiohttp, apscheduler, urllib3, cryptography). Answers are read into the fields the SDK's
+response models (`GetSecretValueResponseBody`, `BatchGetSecretValueResponseBody`) give, by our
+own few lines: importing any model module runs `alibabacloud_kms20160120.models`' `__init__`,
+which imports all ≈280 of them (≈0.1 s of start-up); tests/test_wire.py checks the two against
+each other on random answers. The request goes over transport.py, on trio (NOTES.md: the SDK's
+clients do not run on it).
 """
 
 from __future__ import annotations
@@ -13,19 +16,17 @@ import hashlib
 import json
 import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-from alibabacloud_kms20160120.models import BatchGetSecretValueResponseBody, GetSecretValueResponseBody
-
 from kmsagent import __version__, signing
 from kmsagent.credentials import Credentials
 from kmsagent.errors import AgentError, KmsError, UpstreamUnavailable
+from kmsagent.kms.transport import Answer
 
 API_VERSION = "2016-01-20"
 SIGNATURE_ALGORITHM = "ACS3-HMAC-SHA256"
@@ -102,34 +103,6 @@ def signed_headers(host: str, action: str, query: dict[str, str], credentials: C
     return headers
 
 
-_CLOSED = httpx.ByteStream(b"")
-
-
-async def post(
-    http: httpx.AsyncClient, url: str, headers: dict[str, str], *, host: str, limit: int
-) -> tuple[httpx.Response, bytearray]:
-    """The answer's head and its body, read up to `limit` bytes.
-
-    httpx ties every response and its stream in a reference cycle, so a response, with the
-    secret it carries, lived until the next garbage collection; and with cli.py's sparse
-    collections, `refreshNow=true` in a loop on a 60 KB secret grew RSS by ≈25 MB in 15 s.
-    Breaking the cycle once the response is closed frees it as soon as it is parsed.
-    """
-    response: httpx.Response | None = None
-    try:
-        async with http.stream("POST", url, headers=headers) as response:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise UpstreamUnavailable(f"KMS at {host} answered more than {limit} bytes")
-    finally:
-        if response is not None:
-            response.stream = _CLOSED
-    assert response is not None
-    return response, body
-
-
 def describe(error: BaseException) -> str:
     """The useful part of a transport error: under trio a TLS failure hides in the cause chain."""
     cause: BaseException | None = error
@@ -140,27 +113,72 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+#: The fields of a GetSecretValue answer, in the order the SDK's model (3.3.1) maps them.
+SECRET_FIELDS = (
+    "AutomaticRotation",
+    "CiphertextForRecipient",
+    "CreateTime",
+    "ExtendedConfig",
+    "LastRotationDate",
+    "NextRotationDate",
+    "RequestId",
+    "RotationInterval",
+    "SecretData",
+    "SecretDataType",
+    "SecretName",
+    "SecretType",
+    "VersionId",
+    "VersionStages",
+)
+#: A BatchGetSecretValue answer's `SecretValues` entry: the same but `CiphertextForRecipient`.
+BATCH_SECRET_FIELDS = tuple(name for name in SECRET_FIELDS if name != "CiphertextForRecipient")
+#: A BatchGetSecretValue answer's `Errors` entry.
+BATCH_ERROR_FIELDS = ("Code", "HttpStatus", "Message", "SecretName")
+#: What reading an answer that is not the JSON the SDK's models expect raises.
+NOT_AN_ANSWER = (ValueError, TypeError, AttributeError, RecursionError)
+
+
+def model_map(document: Any, fields: Iterable[str]) -> dict[str, Any]:
+    """`document` read as the SDK's models read it: `Model().from_map(document).to_map()`.
+
+    Known fields only, in the model's order; a null is left out; `VersionStages` keeps only its
+    `VersionStage`. A falsy document is an empty one and anything else without `.get` raises
+    AttributeError, as in the SDK.
+    """
+    document = document or {}
+    mapped: dict[str, Any] = {}
+    for name in fields:
+        value = document.get(name)
+        if value is not None:
+            if name == "VersionStages":
+                stage = (value or {}).get("VersionStage")
+                value = {} if stage is None else {"VersionStage": stage}
+            mapped[name] = value
+    return mapped
+
+
 def parse_secret(body: bytes | bytearray) -> SecretValue:
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):
         raise UpstreamUnavailable("KMS answered 200 with a body that is not GetSecretValue JSON") from None
-    secret = _secret_fields(document)
+    secret = _secret_fields(document, SECRET_FIELDS)
     if secret is None:
         raise UpstreamUnavailable("KMS answered 200 without SecretName, SecretData or VersionId")
     return secret
 
 
-def _secret_fields(document: object) -> SecretValue | None:
+def _secret_fields(document: object, fields: Iterable[str]) -> SecretValue | None:
     """GetSecretValue's fields of one answer (a batch's entry too), or None when it is not one."""
     try:
-        fields = GetSecretValueResponseBody().from_map(document).to_map()  # type: ignore[arg-type]
-    except (ValueError, TypeError, AttributeError, RecursionError):
+        mapped = model_map(document, fields)
+    except NOT_AN_ANSWER:
         return None
-    fields.pop("RequestId", None)
-    if not isinstance(fields.get("SecretName"), str) or not isinstance(fields.get("VersionId"), str) or "SecretData" not in fields:
+    mapped.pop("RequestId", None)
+    named = isinstance(mapped.get("SecretName"), str) and isinstance(mapped.get("VersionId"), str)
+    if not named or "SecretData" not in mapped:
         return None
-    return SecretValue(fields)
+    return SecretValue(mapped)
 
 
 def parse_batch(body: bytes | bytearray, names: Sequence[str]) -> dict[str, SecretValue | KmsError]:
@@ -171,53 +189,61 @@ def parse_batch(body: bytes | bytearray, names: Sequence[str]) -> dict[str, Secr
     answers an ARN `acs:kms:<region>:<account>:secret/<name>`.
     """
     try:
-        document = json.loads(body)
-        parsed = BatchGetSecretValueResponseBody().from_map(document)
-    except (ValueError, TypeError, AttributeError, RecursionError):
+        document = json.loads(body) or {}
+        errors = [model_map(entry, BATCH_ERROR_FIELDS) for entry in _entries(document.get("Errors"))]
+        values = [model_map(entry, BATCH_SECRET_FIELDS) for entry in _entries(document.get("SecretValues"))]
+    except NOT_AN_ANSWER:
         raise UpstreamUnavailable("KMS answered 200 with a body that is not BatchGetSecretValue JSON") from None
     answers: dict[str, SecretValue | KmsError] = {}
-    for entry in parsed.secret_values:
-        secret = _secret_fields(entry.to_map()) if entry is not None else None
+    for entry in values:
+        secret = _secret_fields(entry, SECRET_FIELDS)
         if secret is not None:
             for name in _asked_as(secret.name, names):
                 answers.setdefault(name, secret)
-    for error in parsed.errors:
-        if error is None or not isinstance(error.secret_name, str) or not isinstance(error.code, str):
+    for error in errors:
+        secret_name, code = error.get("SecretName"), error.get("Code")
+        if not isinstance(secret_name, str) or not isinstance(code, str):
             continue
         try:
-            status = int(error.http_status)
+            status = int(error.get("HttpStatus"))  # type: ignore[arg-type]
         except (TypeError, ValueError):
             status = 500  # an entry without a status says nothing about the secret: transient
-        failure = KmsError(status, error.code, str(error.message or ""))
-        for name in _asked_as(error.secret_name, names):
+        failure = KmsError(status, code, str(error.get("Message") or ""))
+        for name in _asked_as(secret_name, names):
             answers.setdefault(name, failure)
     return answers
+
+
+def _entries(listed: Any) -> Iterable[Any]:
+    """A list field of the batch answer as the SDK iterates it (null: none; not iterable: TypeError)."""
+    return () if listed is None else listed
 
 
 def _asked_as(answered: str, names: Sequence[str]) -> list[str]:
     return [name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))]
 
 
-def parse_error(response: httpx.Response, body: bytes | bytearray) -> AgentError:
+def parse_error(answer: Answer, host: str) -> AgentError:
     """KMS's error as the client will see it: 4xx as is, 5xx as 502 with KMS's code.
 
     Any other status (a 3xx redirect, which the client does not follow: it would carry the
     signed request elsewhere; a 1xx; a 2xx other than 200) is not KMS's answer but a proxy's
-    or a gateway's: 502 UpstreamUnavailable, transient (SPEC §5), so it is retried.
+    or a gateway's: 502 UpstreamUnavailable, transient (SPEC §5), so it is retried. `host`: the
+    endpoint's host, for the message.
     """
-    if not 400 <= response.status_code < 600:
-        return UpstreamUnavailable(f"KMS at {response.url.host} answered HTTP {response.status_code}, not a KMS answer")
+    status = answer.status
+    if not 400 <= status < 600:
+        return UpstreamUnavailable(f"KMS at {host} answered HTTP {status}, not a KMS answer")
     try:
-        document = json.loads(body)
-        code = str(document.get("Code") or f"HTTP{response.status_code}")
+        document = json.loads(answer.body)
+        code = str(document.get("Code") or f"HTTP{status}")
         message = str(document.get("Message") or "")
     except (ValueError, AttributeError, RecursionError):
-        code, message = f"HTTP{response.status_code}", "KMS answered without a JSON error body"
-    retry_after = _retry_after(response.headers.get("x-acs-retry-after"))
-    return KmsError(response.status_code, code, message, retry_after=retry_after)
+        code, message = f"HTTP{status}", "KMS answered without a JSON error body"
+    return KmsError(status, code, message, retry_after=_retry_after(answer.header(b"x-acs-retry-after")))
 
 
-def _retry_after(value: str | None) -> float | None:
+def _retry_after(value: bytes | None) -> float | None:
     """`x-acs-retry-after` is in milliseconds."""
     if value is None:
         return None
