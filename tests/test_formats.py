@@ -8,8 +8,10 @@ in force.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
+import sys
 import time
 import uuid
 from typing import Any
@@ -17,9 +19,11 @@ from typing import Any
 import pytest
 
 from conftest import StartAgent
+from kmsagent import redact
 from kmsagent.emulator import KmsEmulator
 from kmsagent.formats import AwsFormat, KmsFormat, VaultFormat, is_json_object
 from kmsagent.kms import SecretValue
+from kmsagent.store import CachedSecret
 
 DEEP_ARRAY = "[" * 1500 + "]" * 1500
 DEEP_OBJECT = '{"a":' * 1500 + "1" + "}" * 1500
@@ -235,3 +239,42 @@ async def test_other_formats_send_aws_stage_names_to_kms_as_they_are(
     if response_type == 0:
         ok = (await agent.get("/v1/api-key")).json()
         assert ok["VersionStages"] == {"VersionStage": ["ACSCurrent"]} and ok["CreateTime"].endswith("Z")
+
+
+# --- the cached body as the one copy of the value (issue 17) ------------------------------------
+
+FORMATS = {0: KmsFormat(), 1: AwsFormat("cn-hangzhou"), 2: VaultFormat(lambda: 300)}
+
+
+def test_a_cached_body_gives_every_value_back_and_is_its_one_copy() -> None:
+    """The cache keeps a secret's body, not its text: `CachedSecret.secret` reads the answer back
+    from the body. Only a value a body cannot give back exactly keeps its text beside it (a Vault
+    body of a JSON object with a lone surrogate, or of the object `{"value": "..."}`)."""
+    values = {**{name: text for name, (text, _) in VALUES.items()}, "value-object": '{"value": "inner-text"}'}
+    kept: set[tuple[str, int, bool]] = set()
+    for (name, text), (response_type, response_format), binary in itertools.product(
+        values.items(), FORMATS.items(), (False, True)
+    ):
+        data = text[:1] + text[1:]  # our own object, to count references to
+        secret = secret_value(data, binary=binary)
+        fields = dict(secret.fields)
+        cached = CachedSecret(secret, response_format.secret(secret), response_format, redact.Guard().hold_secret(data))
+        del secret
+        assert cached.secret.fields == fields, (name, response_type, binary)
+        if response_type == 0:
+            assert list(cached.secret.fields) == list(fields)
+        del fields
+        # Ours and getrefcount's: the entry holds none (the guard files a value by its first
+        # MIN_LENGTH characters, which for a value that short are the value).
+        if len(data) > redact.MIN_LENGTH and sys.getrefcount(data) > 2:
+            kept.add((name, response_type, binary))
+    assert kept == {("lone-surrogate-in-json", 2, False), ("value-object", 2, False)}
+
+
+def test_rotation_dates_and_etags_survive_the_read_back() -> None:
+    secret = SecretValue({**secret_value("x" * 20).fields, "NextRotationDate": "2030-01-01T00:00:00Z"})
+    for response_format in FORMATS.values():
+        held = redact.Guard().hold_secret("x" * 20)
+        cached = CachedSecret(secret, response_format.secret(secret), response_format, held)
+        assert (cached.next_rotation, cached.etag) == ("2030-01-01T00:00:00Z", b'"v1"')
+        assert cached.secret.fields["NextRotationDate"] == "2030-01-01T00:00:00Z"

@@ -226,6 +226,8 @@ class SecretCache(Generic[K, V]):
         self._max_entries = max_entries
         self.ttl = ttl
         self._loads = loads
+        #: Where loads run: background work that must outlive its reader may run there too.
+        self.loads = loads
         self._is_transient = is_transient
         self._serve_stale = serve_stale
         self._max_stale = max_stale

@@ -1,7 +1,7 @@
 """Response bodies of SPEC §4: one formatter per `ResponseType`, for secrets and for errors.
 
 A secret body is rendered once when KMS's answer arrives and cached as bytes, so a cache hit
-encodes no JSON. `finish` completes that cached part for one answer: ResponseType 2 (Vault)
+encodes no JSON; it is also the one copy of the value the cache keeps (`read_back`). `finish` completes that cached part for one answer: ResponseType 2 (Vault)
 needs a fresh `request_id` per answer and the `lease_duration` in force after a reload, so only
 its `data` member is cached and the envelope is put around it per answer (≈3 µs: a random UUID
 and one bytes formatting); the other formats return the cached body as is.
@@ -38,6 +38,12 @@ class ResponseFormat(Protocol):
         """The body of one answer, from what `secret` rendered (called on every hit)."""
         ...
 
+    def read_back(self, rendered: bytes) -> dict[str, Any]:
+        """KMS's fields as far as `rendered` (what `secret` rendered) gives them back: every one
+        (ResponseType 0), or `SecretData` (1, 2). The store checks them against the answer and
+        keeps the ones that do not come back exactly, so the body is the one copy of the value."""
+        ...
+
     def error(self, error: AgentError) -> bytes: ...
 
     def kms_stage(self, stage: str) -> str:
@@ -66,6 +72,10 @@ class KmsFormat:
 
     def finish(self, rendered: bytes) -> bytes:
         return rendered
+
+    def read_back(self, rendered: bytes) -> dict[str, Any]:
+        fields: dict[str, Any] = json.loads(rendered)
+        return fields
 
     def error(self, error: AgentError) -> bytes:
         return _json({"Code": error.code, "Message": error.message, "HttpStatus": error.status})
@@ -117,6 +127,10 @@ class AwsFormat:
     def finish(self, rendered: bytes) -> bytes:
         return rendered
 
+    def read_back(self, rendered: bytes) -> dict[str, Any]:
+        document = json.loads(rendered)
+        return {"SecretData": document["SecretBinary" if "SecretBinary" in document else "SecretString"]}
+
     def error(self, error: AgentError) -> bytes:
         return _json({"__type": error.code, "message": error.message})
 
@@ -150,6 +164,20 @@ class VaultFormat:
 
     def finish(self, rendered: bytes) -> bytes:
         return _VAULT_BODY % (_uuid4(), int(self._lease_seconds()), rendered)
+
+    def read_back(self, rendered: bytes) -> dict[str, Any]:
+        """`{"value": text}` gives back text, anything else is the text itself (a JSON object
+        `{"value": "..."}` secret, or one with a lone surrogate, reads back wrong: the store
+        keeps its text then)."""
+        text = rendered.decode("utf-8")
+        if rendered.startswith(b'{"value":'):
+            try:
+                wrapped = json.loads(text)
+            except (ValueError, RecursionError):  # a JSON object secret Python's parser refuses
+                wrapped = None
+            if isinstance(wrapped, dict) and len(wrapped) == 1 and isinstance(wrapped.get("value"), str):
+                return {"SecretData": wrapped["value"]}
+        return {"SecretData": text}
 
     def error(self, error: AgentError) -> bytes:
         return _json({"errors": [f"{error.code}: {error.message}"]})

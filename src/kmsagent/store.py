@@ -19,7 +19,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import trio
@@ -44,17 +43,43 @@ AGENT_CREDENTIALS = "agent"
 NOT_FOUND_LIMIT = 1000
 
 
-@dataclass(frozen=True)
 class CachedSecret:
-    """What the cache holds: KMS's answer and its response body, rendered once."""
+    """What the cache holds of one KMS answer: its response body, rendered once, and the little
+    the body does not give back (issue 17: one copy of the value per cached secret, the body).
 
-    secret: SecretValue
-    body: bytes
-    #: The `ETag` header's value, `"<VersionId>"` (SPEC §3), rendered once like the body.
-    etag: bytes = field(init=False, default=b"")
+    `secret` reads the answer back from the body (for files and `[Exec]`, on each change only);
+    the fields that would not come back exactly (ResponseType 1 and 2 keep only the value in their
+    bodies) are kept beside it. The redaction guard holds the value's prints (`held`), not a copy.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "etag", entity_tag(self.secret.version_id))
+    __slots__ = ("_format", "_others", "body", "etag", "held", "next_rotation")
+
+    def __init__(self, secret: SecretValue, body: bytes, response_format: ResponseFormat, held: redact.Held) -> None:
+        self.body = body
+        #: The `ETag` header's value, `"<VersionId>"` (SPEC §3), rendered once like the body.
+        self.etag = entity_tag(secret.version_id)
+        rotation = secret.fields.get("NextRotationDate")
+        #: KMS's NextRotationDate, when it gave one.
+        self.next_rotation = rotation if isinstance(rotation, str) else None
+        self.held = held
+        self._format = response_format
+        try:
+            kept = response_format.read_back(body)
+        except (ValueError, RecursionError, LookupError, TypeError):  # then every field is kept as it is
+            kept = {}
+        others = {name: value for name, value in secret.fields.items() if name not in kept or kept[name] != value}
+        self._others = others or None
+
+    @property
+    def secret(self) -> SecretValue:
+        """KMS's answer, read back from the body (its fields in KMS's order for ResponseType 0)."""
+        try:
+            fields = self._format.read_back(self.body)
+        except (ValueError, RecursionError, LookupError, TypeError):  # then `_others` holds every field
+            fields = {}
+        if self._others:
+            fields.update(self._others)
+        return SecretValue(fields)
 
 
 class SecretStore:
@@ -124,13 +149,11 @@ class SecretStore:
     def _hold(self, key: Key, secret: SecretValue) -> CachedSecret:
         """The cache's form of a value KMS answered; guarded until `_released` (the cache sees it once)."""
         self._not_found.pop(key, None)
-        cached = CachedSecret(secret, self._format.secret(secret))
-        redact.hold_secret(secret.data)
-        return cached
+        return CachedSecret(secret, self._format.secret(secret), self._format, redact.hold_secret(secret.data))
 
     @staticmethod
     def _released(cached: CachedSecret) -> None:
-        redact.release_secret(cached.secret.data)
+        redact.release_secret(cached.held)
 
     def next_load(self, key: Key) -> trio.Event:
         """Set when the next load of `key` ends, with a value or an error (a refresh-ahead, a
@@ -200,37 +223,47 @@ class SecretStore:
     async def prefetch(self, names: Sequence[str], *, wait: float) -> None:
         """Loads `names` (their ACSCurrent versions) as hot entries, waiting at most `wait` seconds.
 
-        Loads go through the KMS client's concurrency bound; one that is still running when the
-        wait ends finishes in the background. Failures are logged, never fatal.
+        Loads go through the KMS client's concurrency bound; the ones not done when the wait ends
+        go on in the background. Failures are logged, never fatal. A few workers take the names
+        in turn, twice as many as KMS calls may be in flight, so that every slot stays busy: a
+        task per name (and with it a waiting load per name) took ≈ 11 MB at once for 1000 names,
+        memory that stayed with the process.
         """
         if not names or self.cache.ttl <= 0:
             return
+        unique = list(dict.fromkeys(names))
+        pending = iter(unique)
         loaded = 0
+        done = trio.Event()
 
-        async def prefetch_one(name: str) -> None:
+        async def worker() -> None:
             nonlocal loaded
-            query = SecretQuery(name, "", DEFAULT_STAGE)
-            try:
-                await self.get(query, keep_loading=True, deadline=math.inf)
-            except AgentError as error:
-                logger.warning("prefetch of {!r} failed: {}: {}", name, error.code, error.message)
-            else:
-                self.cache.mark_read(query.cache_key)
-                loaded += 1
+            for name in pending:  # shared: each name goes to one worker
+                query = SecretQuery(name, "", DEFAULT_STAGE)
+                try:
+                    await self.get(query, keep_loading=True, deadline=math.inf)
+                except AgentError as error:
+                    logger.warning("prefetch of {!r} failed: {}: {}", name, error.code, error.message)
+                else:
+                    self.cache.mark_read(query.cache_key)
+                    loaded += 1
+
+        async def run_workers() -> None:
+            async with trio.open_nursery() as workers:
+                for _ in range(min(len(unique), 2 * self._kms.max_in_flight)):
+                    workers.start_soon(worker)
+            done.set()
 
         started = trio.current_time()
+        self.cache.loads.start_soon(run_workers)  # the cache's nursery: what the wait leaves goes on
         with trio.move_on_after(wait):
-            async with trio.open_nursery() as nursery:
-                for name in dict.fromkeys(names):
-                    nursery.start_soon(prefetch_one, name)
-        logger.info(
-            "prefetched {} of {} secrets in {:.2f}s", loaded, len(set(names)), trio.current_time() - started
-        )
+            await done.wait()
+        logger.info("prefetched {} of {} secrets in {:.2f}s", loaded, len(unique), trio.current_time() - started)
 
     def rotation_due(self, cached: CachedSecret) -> float | None:
         """KMS's NextRotationDate of the secret, on trio's clock, if it gave one."""
-        text = cached.secret.fields.get("NextRotationDate")
-        if not isinstance(text, str):
+        text = cached.next_rotation
+        if text is None:
             return None
         try:
             moment = datetime.fromisoformat(text)  # KMS: "2024-07-06T08:22:03Z"

@@ -110,6 +110,11 @@ class KmsClient:
         """KMS calls under way now (each holds one of the MaxConcurrentRequests slots)."""
         return self._in_flight.borrowed_tokens
 
+    @property
+    def max_in_flight(self) -> int:
+        """MaxConcurrentRequests: KMS calls that may be under way at once."""
+        return int(self._in_flight.total_tokens)
+
     async def get_secret_value(
         self,
         secret_id: str,
