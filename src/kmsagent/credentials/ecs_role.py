@@ -17,16 +17,18 @@ import json
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
 import trio
 
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials.base import Credentials
 from kmsagent.credentials.renewing import REJECTION_RENEW_INTERVAL, FetchError, RenewingCredentials
 from kmsagent.errors import AgentError, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["EcsRamRoleCredentials", "MetadataError", "REJECTION_RENEW_INTERVAL", "probe"]
 
@@ -36,7 +38,8 @@ TOKEN_TTL_HEADER = "X-aliyun-ecs-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aliyun-ecs-metadata-token"
 #: The metadata token is fetched anew for each renewal, so it only needs to outlive one.
 TOKEN_TTL_SECONDS = 300
-METADATA_TIMEOUT = httpx.Timeout(connect=1.0, read=2.0, write=2.0, pool=1.0)
+#: Seconds for each step of a metadata call (httpx.Timeout's).
+METADATA_TIMEOUT = {"connect": 1.0, "read": 2.0, "write": 2.0, "pool": 1.0}
 #: How long `auto` waits for the metadata service before deciding this is not an ECS instance.
 #: On ECS it answers in milliseconds (it is on the hypervisor); elsewhere the connect times out.
 PROBE_WAIT = 2.0
@@ -60,7 +63,7 @@ class EcsRamRoleCredentials(RenewingCredentials):
         self.kind = f"ecs_ram_role ({role} via {config.metadata_endpoint})"
 
     def _http_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self._config.metadata_endpoint, timeout=METADATA_TIMEOUT, trust_env=False)
+        return _metadata_client(self._config.metadata_endpoint)
 
     def _unavailable(self) -> AgentError:
         return UpstreamUnavailable(
@@ -80,6 +83,8 @@ class EcsRamRoleCredentials(RenewingCredentials):
         return _role_from(await self._get(http, ROLES_PATH, headers))
 
     async def _get(self, http: httpx.AsyncClient, path: str, headers: dict[str, str]) -> bytes:
+        import httpx
+
         try:
             response = await http.get(path, headers=headers)
         except httpx.HTTPError as error:
@@ -94,8 +99,10 @@ class EcsRamRoleCredentials(RenewingCredentials):
 async def probe(config: CredentialsConfig, *, role_name: str = "", wait: float = PROBE_WAIT) -> tuple[str | None, str]:
     """Whether the metadata service is there: (None, role) when it lists a RAM role within
     `wait` seconds (or answers at all, with `role_name` given), else (why not, "")."""
+    import httpx
+
     endpoint = config.metadata_endpoint
-    async with httpx.AsyncClient(base_url=endpoint, timeout=METADATA_TIMEOUT, trust_env=False) as http:
+    async with _metadata_client(endpoint) as http:
         with trio.move_on_after(wait):
             try:
                 headers = await _token_headers(http, config)
@@ -115,8 +122,16 @@ async def probe(config: CredentialsConfig, *, role_name: str = "", wait: float =
     return f"{endpoint} did not answer within {wait:g} s (not an ECS instance)", ""
 
 
+def _metadata_client(endpoint: str) -> httpx.AsyncClient:
+    import httpx  # on first use: an agent on static keys never loads it (≈ 35 ms of start-up)
+
+    return httpx.AsyncClient(base_url=endpoint, timeout=httpx.Timeout(**METADATA_TIMEOUT), trust_env=False)
+
+
 async def _token_headers(http: httpx.AsyncClient, config: CredentialsConfig) -> dict[str, str]:
     """A hardened-mode token header; none means IMDSv1 (allowed unless DisableIMDSv1)."""
+    import httpx
+
     try:
         response = await http.put(TOKEN_PATH, headers={TOKEN_TTL_HEADER: str(TOKEN_TTL_SECONDS)})
         reason = f"HTTP {response.status_code}"

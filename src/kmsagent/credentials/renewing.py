@@ -16,13 +16,16 @@ import math
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 from loguru import logger
 
 from kmsagent.credentials.base import Credentials, parse_expiration, renewal_delay
 from kmsagent.errors import AgentError, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    import httpx  # the subclasses import it when they build a client
 
 #: How long a KMS call waits for credentials that are not there (yet, or any more).
 CREDENTIALS_WAIT = 2.0
