@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from alibabacloud_kms20160120.models import BatchGetSecretValueResponseBody, GetSecretValueResponseBody
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kmsagent.credentials import Credentials
 from kmsagent.errors import KmsError, UpstreamUnavailable
 from kmsagent.kms import wire
 
@@ -184,3 +186,37 @@ def test_a_real_answer_keeps_every_field_but_the_request_id_in_the_sdk_order() -
         ["ACSCurrent"],
     )
 
+
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
+
+
+@EXAMPLES
+@given(
+    host=st.sampled_from(
+        ["kms.cn-hangzhou.aliyuncs.com", "127.0.0.1:8443", "[::1]:443", "kst-abc.cryptoservice.kms.aliyuncs.com"]
+    ),
+    action=st.sampled_from([wire.GET_SECRET_VALUE, wire.BATCH_GET_SECRET_VALUE]),
+    query=st.dictionaries(
+        st.sampled_from(["SecretName", "VersionId", "VersionStage", "SecretsList"]), TEXT, min_size=1
+    ),
+    access_key_id=TEXT,
+    secret=TEXT,
+    token=st.one_of(st.none(), TEXT),
+    now=st.floats(min_value=0, max_value=4e9),
+)
+def test_a_request_is_signed_as_the_sdk_signs_it(
+    host: str, action: str, query: dict[str, str], access_key_id: str, secret: str, token: str | None, now: float
+) -> None:
+    """wire.signed_request builds the canonical request for its own headers directly; the SDK's
+    `Utils.get_authorization`, given the same headers, must give the same Authorization."""
+    from alibabacloud_tea_openapi.utils import Utils  # heavy: the tests only
+
+    target, headers = wire.signed_request(host, action, query, Credentials(access_key_id, secret, token), now)
+    sent = dict(headers)
+    authorization = sent.pop("Authorization")
+    request = SimpleNamespace(method="POST", pathname="/", query=query, headers=sent)
+    assert authorization == Utils.get_authorization(
+        request, wire.SIGNATURE_ALGORITHM, wire.EMPTY_BODY_SHA256, access_key_id, secret
+    )
+    assert target == f"/?{wire.canonical_query(query)}"
+    assert ("x-acs-security-token" in sent) == bool(token) and sent["x-acs-action"] == action and sent["host"] == host

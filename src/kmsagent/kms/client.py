@@ -30,12 +30,11 @@ from kmsagent.kms.wire import (
     MAX_ANSWER_BYTES,
     MAX_BATCH_ANSWER_BYTES,
     SecretValue,
-    canonical_query,
     describe,
     parse_batch,
     parse_error,
     parse_secret,
-    signed_headers,
+    signed_request,
 )
 
 T = TypeVar("T")
@@ -280,12 +279,11 @@ class KmsClient:
     async def _send(
         self, host: str, action: str, query: dict[str, str], credentials: Credentials, parse: Callable[[bytearray], T], limit: int
     ) -> T:
-        headers = signed_headers(host, action, query, credentials, self._clock())
+        target, headers = signed_request(host, action, query, credentials, self._clock())
         endpoint = self._addresses[host]
         with trio.move_on_after(self._attempt_limit) as attempt_scope:
             try:
-                target = f"/?{canonical_query(query)}"
-                answer = await self._http.post(endpoint, target, list(headers.items()), limit=limit)
+                answer = await self._http.post(endpoint, target, headers, limit=limit)
             except Timeout:
                 raise UpstreamTimeout(f"KMS at {host} did not answer in time") from None
             except TransportError as error:
