@@ -20,11 +20,10 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.protocol.http_stream import HTTPStream
-from hypercorn.trio.task_group import TaskGroup
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import TOKEN, RunningAgent, StartAgent
-from kmsagent.connection import Connection, _Http11Only
+from kmsagent.connection import Connection, _AppInbox, _Exchanges, _Http11Only
 from kmsagent.emulator import Fault, KmsEmulator
 from kmsagent.server import MAX_REFUSING, OTHER_DESCRIPTORS, PING_RESERVE
 from test_cli import AGENT_ENV, agent_process, read_lines_until, write_config
@@ -293,7 +292,7 @@ async def test_a_closed_connection_leaves_no_cyclic_garbage(start_agent: StartAg
         http_request("/secretsmanager/get?secretId=api-key&refreshNow=true"),  # waits for KMS
         b"",  # connects and leaves
     ]
-    kept = (Connection, _Http11Only, HTTPStream, TaskGroup)
+    kept = (Connection, _Http11Only, HTTPStream, _Exchanges, _AppInbox)
     gc.collect()
     gc.disable()
     try:
