@@ -255,7 +255,7 @@ def status_kb(pid: int, field_name: str) -> int | None:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    found = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
+    found = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
     return int(found.group(1)) if found else None
 
 
@@ -560,7 +560,7 @@ async def scrape(agent: Agent) -> bytes | None:
 def metric(body: bytes | None, pattern: bytes) -> float | None:
     if body is None:
         return None
-    return sum(float(n) for n in re.findall(rb"^" + pattern + rb" (\S+)", body, re.M))
+    return sum(float(n) for n in re.findall(rb"^" + pattern + rb" (\S+)", body, re.MULTILINE))
 
 
 async def kms_calls(agent: Agent) -> int:

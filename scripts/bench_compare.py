@@ -71,8 +71,8 @@ def wrk(url: str, connections: int, seconds: int, token: str) -> Result:
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return Result(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
-        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1)),  # type: ignore[union-attr]
-        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE).group(1)),  # type: ignore[union-attr]
+        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE).group(1)),  # type: ignore[union-attr]
         errors=(sum(int(n) for n in errors.groups()[:3]) if errors else 0) + (int(non_2xx.group(1)) if non_2xx else 0),
         timeouts=int(errors.group(4)) if errors else 0,
     )
@@ -173,7 +173,7 @@ NGINX = textwrap.dedent(
 
 def kms_calls(base: str, token: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=5).text
-    return sum(float(n) for n in re.findall(r'^kmsagent_kms_requests_total\{outcome="success"\} (\S+)', text, re.M))
+    return sum(float(n) for n in re.findall(r'^kmsagent_kms_requests_total\{outcome="success"\} (\S+)', text, re.MULTILINE))
 
 
 async def concurrent_cold_reads(base: str, token: str, count: int) -> list[int]:

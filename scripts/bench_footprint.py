@@ -286,7 +286,7 @@ def report(
     )
     blank = " | " * (len(rows) - 1)
     print(
-        f"| `import kmsagent.cli` | | "
+        "| `import kmsagent.cli` | | "
         + " | ".join(f"{r.imported[0]:.1f} MB; {r.imported[1]:.2f} s (CPU {r.imported[2]:.2f} s)" for r in rows.values())
         + " | |"
     )

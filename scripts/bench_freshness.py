@@ -26,7 +26,6 @@ from functools import partial
 
 import trio
 import trio.testing
-
 from loguru import logger
 
 from kmsagent import refresher

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import SECRETS, TOKEN, RunningAgent, StartAgent
 from kmsagent.cache import SecretCache

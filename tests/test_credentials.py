@@ -273,7 +273,7 @@ class ExpirationFormMetadata(MetadataEmulator):
     def _credentials(self) -> HttpResponse:
         response = super()._credentials()
         document = json.loads(response.body)
-        moment = datetime.datetime.fromtimestamp(self.issued[-1].expires_at, datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(self.issued[-1].expires_at, datetime.UTC)
         document["Expiration"] = self.form(moment)
         return HttpResponse(response.status, response.headers, json.dumps(document).encode())
 
@@ -325,7 +325,7 @@ async def test_the_oidc_wrapper_converts_and_never_quotes_errors() -> None:
 
 def make_ca_and_server_cert(folder: Path) -> tuple[Path, ssl.SSLContext]:
     """A self-signed CA (written as PEM) and a server context for 127.0.0.1 signed by it."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kmsagent test CA")])
     ca = (

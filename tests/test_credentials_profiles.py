@@ -15,8 +15,7 @@ import trio
 
 from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
 from kmsagent.config import CredentialsConfig
-from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source
-from kmsagent.credentials import profiles
+from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source, profiles
 from kmsagent.credentials.oidc import OidcRoleCredentials
 from kmsagent.credentials.profiles import (
     EcsSpec,

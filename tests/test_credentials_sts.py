@@ -8,8 +8,8 @@ refusing is a 403 with STS's code; the source credentials run inside the session
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,7 +19,14 @@ import trio.testing
 from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials, credential_source
-from kmsagent.credentials.sts import AssumeRoleSession, RoleRequest, StsEndpoint, StsRefused, assume_role_query, rpc_signature
+from kmsagent.credentials.sts import (
+    AssumeRoleSession,
+    RoleRequest,
+    StsEndpoint,
+    StsRefused,
+    assume_role_query,
+    rpc_signature,
+)
 from kmsagent.emulator import KmsEmulator, MetadataEmulator, StsEmulator
 
 SECRET_PATH = "/secretsmanager/get?secretId=api-key"
@@ -109,7 +116,7 @@ def test_the_assume_role_query_is_the_sdks_byte_for_byte(
     with pytest.raises(_Captured):
         provider._refresh_credentials()
     request = RoleRequest("acs:ram::1234567890123456:role/kms-reader", "kmsagent", 1800, external_id, policy)
-    timestamp = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
+    timestamp = datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp()
     credentials = Credentials(AK_ID, AK_SECRET, token)
     ours = assume_role_query(request, credentials, timestamp=timestamp, nonce="nonce-1", method="GET")
     assert ours == captured  # every parameter, the Signature of the SDK's GET included

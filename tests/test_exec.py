@@ -130,7 +130,7 @@ async def test_the_child_gets_env_secrets_and_no_credentials_token_or_notify_var
             "exec-api-key-one-Mn4b",
         )
         assert child_env["APP_SETTING"] == "kept" and child_env["PATH"] == AGENT_ENV["PATH"]
-        leaked = [name for name in child_env if name.startswith("ALIBABA_CLOUD_") or "TOKEN" in name or name in env and "NOTIFY" in name]
+        leaked = [name for name in child_env if name.startswith("ALIBABA_CLOUD_") or "TOKEN" in name or (name in env and "NOTIFY" in name)]
         assert leaked == [] and not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & set(child_env)
         assert AK_SECRET not in json.dumps(child_env) and TOKEN not in json.dumps(child_env)
         async with httpx.AsyncClient(timeout=10) as client:

@@ -23,12 +23,12 @@ import trio.testing
 from conftest import SECRET_MATERIAL, TOKEN
 from kmsagent import files
 from kmsagent.cache import Outcome, SecretCache
+from kmsagent.checks import CacheKey, SecretQuery
 from kmsagent.config import _FILE_KEYS, ConfigError, FileConfig, parse_config
 from kmsagent.emulator import KmsEmulator
 from kmsagent.files import OnChange, render, sync_file, write_atomic
-from kmsagent.kms import SecretValue
-from kmsagent.checks import CacheKey, SecretQuery
 from kmsagent.formats import response_format
+from kmsagent.kms import SecretValue
 from kmsagent.pinned import PinnedSecret
 from kmsagent.processes import run_bounded
 from kmsagent.refresher import Refresher

@@ -9,7 +9,6 @@ when importing or when running; the OIDC role loads the credentials package when
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import httpx
 import pytest
 import trio
 
-import kmsagent.kms
 from conftest import AK_ID, AK_SECRET, SECRETS, TOKEN, StartAgent
 from kmsagent.emulator import KmsEmulator, MetadataEmulator
 from test_cli import read_lines_until, write_config

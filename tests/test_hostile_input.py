@@ -19,9 +19,9 @@ import json
 import re
 import string
 from collections import Counter
-from http import HTTPStatus
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 

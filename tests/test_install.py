@@ -636,7 +636,7 @@ def stubbed_env(tmp_path: Path, uid: int) -> tuple[dict[str, str], Path]:
     scripts = {
         "id": f'[ "$1" = -u ] && echo {uid}',  # the scripts ask only for `id -u`
         "getent": "exit 2",  # no such user or group yet
-        **{tool: "" for tool in ("groupadd", "useradd", "usermod", "chown", "chgrp", "systemctl")},
+        **dict.fromkeys(("groupadd", "useradd", "usermod", "chown", "chgrp", "systemctl"), ""),
     }
     for name, body in scripts.items():
         (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >>"{log}"\n{body}\n')

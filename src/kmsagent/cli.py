@@ -29,8 +29,8 @@ from kmsagent.config import (
     ServerConfig,
     check_log_folder,
     check_unix_socket,
-    files_folder_notes,
     dump_config,
+    files_folder_notes,
     load_config,
     with_command,
 )

@@ -497,7 +497,7 @@ _endpoint_list = _list_of(
 
 
 def _fallback_endpoints(value: Any) -> tuple[str, ...]:
-    endpoints = _endpoint_list(value)
+    endpoints: tuple[str, ...] = _endpoint_list(value)
     if len(endpoints) > MAX_FALLBACK_ENDPOINTS:
         raise _Invalid(f"must be a list of at most {MAX_FALLBACK_ENDPOINTS} distinct host[:port]")
     return endpoints

@@ -285,7 +285,7 @@ class Connection:
                 if self._waiting or not (self.idle or self._protocol.receiving_body):
                     self._held += received  # behind the request in progress
                 else:
-                    await self._protocol.feed(received)
+                    await self._protocol.feed(bytes(received))  # bytes() of a bytes is the same object
         await self._protocol.handle(Closed())
 
     @property

@@ -93,5 +93,5 @@ def rpc_signature(params: Mapping[str, str | None], method: str, secret: str) ->
     present = {key: value for key, value in params.items() if value is not None}
     pairs = "&".join(f"{quote(key, safe='~')}={quote(present[key], safe='~')}" for key in sorted(present))
     string_to_sign = f"{method}&%2F&{quote_plus(pairs, safe='~')}"
-    digest = hmac.new(f"{secret}&".encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha1).digest()
+    digest = hmac.new(f"{secret}&".encode(), string_to_sign.encode("utf-8"), hashlib.sha1).digest()
     return base64.b64encode(digest).decode("utf-8")

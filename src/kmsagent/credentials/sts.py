@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from urllib.parse import quote
 
@@ -122,7 +122,7 @@ def assume_role_query(
         "RoleSessionName": request.session_name,
         "SignatureMethod": "HMAC-SHA1",
         "SignatureVersion": "1.0",
-        "Timestamp": datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Timestamp": datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "SignatureNonce": nonce,
     }
     if request.policy:

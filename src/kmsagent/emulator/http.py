@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote
 import h11
 import trio
 
-__all__ = ["HttpRequest", "HttpResponse", "Handler", "serve_http"]
+__all__ = ["Handler", "HttpRequest", "HttpResponse", "serve_http"]
 
 _RECEIVE_SIZE = 65536
 # Errors that only mean "this one connection is gone"; they must never reach the server nursery.
@@ -113,7 +113,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> HttpRe
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+            conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
         elif isinstance(event, h11.Request):
             head = event
         elif isinstance(event, h11.Data):

@@ -59,7 +59,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from http.client import responses as _REASONS
 from typing import Any
@@ -586,7 +586,7 @@ class KmsEmulator:
             sent = datetime.strptime(headers.get("x-acs-date", ""), _TIME_FORMAT)
         except ValueError:
             raise _kms_error("InvalidTimeStamp.Format") from None
-        if abs(sent.replace(tzinfo=timezone.utc).timestamp() - self._clock()) > _WINDOW_SECONDS:
+        if abs(sent.replace(tzinfo=UTC).timestamp() - self._clock()) > _WINDOW_SECONDS:
             raise _kms_error("InvalidTimeStamp.Expired")
 
     def _credential_for(self, auth: _Authorization, headers: dict[str, str]) -> _Credential:
@@ -708,7 +708,8 @@ def _secrets_list(text: str | None, *, strict: bool) -> list[dict[str, Any]]:
         and all(isinstance(item, dict) and isinstance(item.get("SecretName"), str) and item["SecretName"] for item in items)
     )
     if well_formed:
-        return items  # type: ignore[return-value]
+        checked: list[dict[str, Any]] = items
+        return checked
     if strict:
         raise _kms_error("InvalidParameter", f"SecretsList must be a JSON array of 1 to {BATCH_LIMIT} objects with a SecretName.")
     return []
@@ -790,4 +791,4 @@ def _request_id() -> str:
 
 
 def _format_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime(_TIME_FORMAT)
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime(_TIME_FORMAT)

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 
 import trio
@@ -142,7 +142,7 @@ class MetadataEmulator:
 
 
 def _utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime(_TIME_FORMAT)
+    return datetime.fromtimestamp(timestamp, UTC).strftime(_TIME_FORMAT)
 
 
 def _text(status: int, text: str) -> HttpResponse:

@@ -39,11 +39,10 @@ import hmac
 import json
 import re
 import ssl
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from urllib.parse import parse_qsl, quote, quote_plus
 
@@ -236,13 +235,13 @@ class StsEmulator:
                 "AccessKeyId": issued.access_key_id,
                 "AccessKeySecret": issued.access_key_secret,
                 "SecurityToken": issued.security_token,
-                "Expiration": datetime.fromtimestamp(issued.expires_at, timezone.utc).strftime(_TIME_FORMAT),
+                "Expiration": datetime.fromtimestamp(issued.expires_at, UTC).strftime(_TIME_FORMAT),
             },
         }
 
     def _check_timestamp(self, text: str) -> None:
         try:
-            sent = datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=timezone.utc)
+            sent = datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=UTC)
         except ValueError:
             raise _StsError("InvalidTimeStamp.Format") from None
         if abs(sent.timestamp() - self.clock()) > _WINDOW_SECONDS:

@@ -20,7 +20,7 @@ import trio
 from loguru import logger
 
 from kmsagent.config import KmsConfig
-from kmsagent.credentials import CredentialSource, Credentials
+from kmsagent.credentials import Credentials, CredentialSource
 from kmsagent.errors import THROTTLING, AgentError, KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
 from kmsagent.kms.endpoints import Endpoints
 from kmsagent.kms.wire import (

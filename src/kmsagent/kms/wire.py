@@ -15,7 +15,7 @@ import secrets
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
@@ -82,7 +82,7 @@ def signed_headers(host: str, action: str, query: dict[str, str], credentials: C
         "x-acs-version": API_VERSION,
         "x-acs-action": action,
         "user-agent": f"kmsagent/{__version__}",
-        "x-acs-date": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "x-acs-date": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "x-acs-signature-nonce": secrets.token_hex(16),
         "accept": "application/json",
         "content-type": "application/x-www-form-urlencoded",
@@ -154,7 +154,7 @@ def parse_secret(body: bytes | bytearray) -> SecretValue:
 def _secret_fields(document: object) -> SecretValue | None:
     """GetSecretValue's fields of one answer (a batch's entry too), or None when it is not one."""
     try:
-        fields = GetSecretValueResponseBody().from_map(document).to_map()  # type: ignore[arg-type]
+        fields = GetSecretValueResponseBody().from_map(document).to_map()
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None
     fields.pop("RequestId", None)
