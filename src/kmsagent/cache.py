@@ -35,7 +35,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -378,10 +378,8 @@ class SecretCache(Generic[K, V]):
 
     async def _fly_batch(self, batch: Batch[K, V], load_batch: BatchLoad[K, V], done: trio.Event) -> None:
         try:
-            try:
+            with suppress(Exception):  # a whole-batch failure is no key's answer: loaded one by one below
                 await load_batch(batch)
-            except Exception:  # noqa: S110 - a whole-batch failure is no key's answer: loaded one by one below
-                pass
             async with trio.open_nursery() as singles:
                 for key, (flight, load) in batch.unanswered().items():
                     singles.start_soon(self._fly, key, load, flight)
@@ -417,7 +415,7 @@ class SecretCache(Generic[K, V]):
         try:
             with flight.scope:
                 flight.value = await load()
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - whatever the load raised is its readers' answer
             flight.error = error
             self._failed(key, error)
         except BaseException:

@@ -295,7 +295,8 @@ class Connection:
 
     async def _receive_ahead(self) -> bytes | bytearray | None:
         """Reads at most HOLD_LIMIT ahead while a request is in progress; None once it ends."""
-        with trio.CancelScope() as self._wake:
+        with trio.CancelScope() as wake:
+            self._wake = wake
             try:
                 room = HOLD_LIMIT - len(self._held)
                 if room <= 0:

@@ -66,7 +66,9 @@ def canonical_headers(headers: Mapping[str, str | bytes | None]) -> tuple[str, s
     return canonical, ";".join(names)
 
 
-def acs3_authorization(request: SignableRequest, sign_type: str, payload_hash: str, access_key_id: str, secret: str) -> str:
+def acs3_authorization(
+    request: SignableRequest, sign_type: str, payload_hash: str, access_key_id: str, secret: str
+) -> str:
     """The `Authorization` header of an ACS3-HMAC-SHA256 request; `Utils.get_authorization`'s drop-in.
 
     Canonical request: method, path, canonical query, canonical headers, signed header names and

@@ -98,7 +98,7 @@ async def _serve_one(handler: Handler, conn: h11.Connection, stream: trio.abc.St
         return False
     try:
         response = await handler(request)
-    except Exception:  # a handler bug must cost one 500, not the whole server
+    except Exception:  # noqa: BLE001 - a handler bug must cost one 500, not the whole server
         response = HttpResponse(500, [("content-type", "text/plain")], b"Internal Server Error")
     if response is None:
         return False

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from http.client import responses as _REASONS
+from http.client import responses as http_reasons
 from typing import Any
 
 import trio
@@ -219,7 +219,7 @@ class _Secret:
         return sorted(stage for stage, owner in self.stages.items() if owner == version_id)
 
 
-@dataclass
+@dataclass(eq=False)  # each is its own: `remove` takes this one, not an equal one
 class _ActiveFault:
     fault: Fault
     remaining: int | None
@@ -417,7 +417,7 @@ class KmsEmulator:
 
     def _take_fault(self, endpoint: str, action: str, secret: str | None, *, one_secret: bool = False) -> Fault | None:
         """The oldest fault that fits, consuming one of its remaining uses."""
-        for index, active in enumerate(self._faults):
+        for active in self._faults:
             if active.fits(endpoint, action, secret, one_secret=one_secret):
                 break
         else:
@@ -425,7 +425,7 @@ class KmsEmulator:
         if active.remaining is not None:
             active.remaining -= 1
             if active.remaining == 0:
-                del self._faults[index]
+                self._faults.remove(active)
         return active.fault
 
     # --- endpoints up and down -------------------------------------------------------------
@@ -526,7 +526,7 @@ class KmsEmulator:
     def _fault_response(self, fault: Fault) -> HttpResponse | None:
         """The answer a fault forces, or None when it only delays."""
         if fault.status:
-            phrase = _REASONS.get(fault.status, "Error")
+            phrase = http_reasons.get(fault.status, "Error")
             code = fault.code or phrase.replace(" ", "")
             error = _KmsError(fault.status, code, fault.message or phrase)
             return self._error_response(error, retry_after_ms=fault.retry_after_ms)
@@ -583,10 +583,10 @@ class KmsEmulator:
 
     def _check_date(self, headers: dict[str, str]) -> None:
         try:
-            sent = datetime.strptime(headers.get("x-acs-date", ""), _TIME_FORMAT)
+            sent = datetime.strptime(headers.get("x-acs-date", ""), _TIME_FORMAT).replace(tzinfo=UTC)
         except ValueError:
             raise _kms_error("InvalidTimeStamp.Format") from None
-        if abs(sent.replace(tzinfo=UTC).timestamp() - self._clock()) > _WINDOW_SECONDS:
+        if abs(sent.timestamp() - self._clock()) > _WINDOW_SECONDS:
             raise _kms_error("InvalidTimeStamp.Expired")
 
     def _credential_for(self, auth: _Authorization, headers: dict[str, str]) -> _Credential:
@@ -648,12 +648,14 @@ class KmsEmulator:
             fault = self._take_fault(endpoint, BATCH_GET_SECRET_VALUE, name, one_secret=True)
             try:
                 if fault is not None and fault.status:
-                    phrase = _REASONS.get(fault.status, "Error")
+                    phrase = http_reasons.get(fault.status, "Error")
                     raise _KmsError(fault.status, fault.code or phrase.replace(" ", ""), fault.message or phrase)
                 version_id, stage = item.get("VersionId") or None, item.get("VersionStage") or None
                 values.append(self._secret_value(name, version_id, stage, allowed))
             except _KmsError as error:
-                errors.append({"SecretName": name, "Code": error.code, "HttpStatus": error.status, "Message": error.message})
+                errors.append(
+                    {"SecretName": name, "Code": error.code, "HttpStatus": error.status, "Message": error.message}
+                )
         return {"SecretValues": values, "Errors": errors}
 
     def _secret_value(
@@ -705,13 +707,17 @@ def _secrets_list(text: str | None, *, strict: bool) -> list[dict[str, Any]]:
     well_formed = (
         isinstance(items, list)
         and 0 < len(items) <= BATCH_LIMIT
-        and all(isinstance(item, dict) and isinstance(item.get("SecretName"), str) and item["SecretName"] for item in items)
+        and all(
+            isinstance(item, dict) and isinstance(item.get("SecretName"), str) and item["SecretName"] for item in items
+        )
     )
     if well_formed:
         checked: list[dict[str, Any]] = items
         return checked
     if strict:
-        raise _kms_error("InvalidParameter", f"SecretsList must be a JSON array of 1 to {BATCH_LIMIT} objects with a SecretName.")
+        raise _kms_error(
+            "InvalidParameter", f"SecretsList must be a JSON array of 1 to {BATCH_LIMIT} objects with a SecretName."
+        )
     return []
 
 

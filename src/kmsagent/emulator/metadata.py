@@ -56,7 +56,11 @@ def mint(kms: KmsEmulator, lifetime: float, now: float, may_read: Iterable[str] 
         f"STS.{secrets.token_hex(10)}", secrets.token_urlsafe(30), secrets.token_urlsafe(60), now + lifetime
     )
     kms.add_credentials(
-        issued.access_key_id, issued.access_key_secret, issued.security_token, expires_at=issued.expires_at, secrets=may_read
+        issued.access_key_id,
+        issued.access_key_secret,
+        issued.security_token,
+        expires_at=issued.expires_at,
+        secrets=may_read,
     )
     return issued
 

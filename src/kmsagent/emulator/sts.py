@@ -66,7 +66,10 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "InvalidTimeStamp.Expired": (400, "Specified time stamp or date value is expired."),
     "InvalidAccessKeyId.NotFound": (404, "Specified access key is not found."),
     "SignatureDoesNotMatch": (400, "Specified signature is not matched with our calculation."),
-    "InvalidSecurityToken.MismatchWithAccessKey": (400, "The security token you provided does not match the access key."),
+    "InvalidSecurityToken.MismatchWithAccessKey": (
+        400,
+        "The security token you provided does not match the access key.",
+    ),
     "InvalidSecurityToken.Malformed": (400, "The security token you provided is malformed."),
     "InvalidSecurityToken.Expired": (400, "The security token you provided has expired."),
     "MissingSignatureNonce": (400, "SignatureNonce is mandatory for this action."),
@@ -74,7 +77,10 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "MissingRoleArn": (400, "RoleArn is mandatory for this action."),
     "MissingRoleSessionName": (400, "RoleSessionName is mandatory for this action."),
     "InvalidParameter.RoleSessionName": (400, "The parameter RoleSessionName is wrongly formed."),
-    "InvalidParameter.DurationSeconds": (400, "The Min/Max value of DurationSeconds is 15min/the role's max session duration."),
+    "InvalidParameter.DurationSeconds": (
+        400,
+        "The Min/Max value of DurationSeconds is 15min/the role's max session duration.",
+    ),
     "InvalidParameter.PolicyGrammar": (400, "The parameter Policy has not passed grammar check."),
     "EntityNotExist.Role": (404, "The specified Role not exists ."),
     "NoPermission": (403, "You are not authorized to do this action. You should be authorized by RAM."),
@@ -230,7 +236,10 @@ class StsEmulator:
         issued = mint(self.kms, duration, now, role.secrets)
         self.issued.append(issued)
         return {
-            "AssumedRoleUser": {"AssumedRoleId": f"3{uuid.uuid4().int % 10**17}:{session_name}", "Arn": f"{role.arn}/{session_name}"},
+            "AssumedRoleUser": {
+                "AssumedRoleId": f"3{uuid.uuid4().int % 10**17}:{session_name}",
+                "Arn": f"{role.arn}/{session_name}",
+            },
             "Credentials": {
                 "AccessKeyId": issued.access_key_id,
                 "AccessKeySecret": issued.access_key_secret,

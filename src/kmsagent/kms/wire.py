@@ -75,7 +75,9 @@ def canonical_query(query: dict[str, str]) -> str:
     return "&".join(f"{key}={quote(value, safe='~')}" for key, value in sorted(query.items()))
 
 
-def signed_headers(host: str, action: str, query: dict[str, str], credentials: Credentials, now: float) -> dict[str, str]:
+def signed_headers(
+    host: str, action: str, query: dict[str, str], credentials: Credentials, now: float
+) -> dict[str, str]:
     """The headers the SDK sends, signed exactly as its `do_request` signs them."""
     headers = {
         "host": host,
@@ -158,7 +160,11 @@ def _secret_fields(document: object) -> SecretValue | None:
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None
     fields.pop("RequestId", None)
-    if not isinstance(fields.get("SecretName"), str) or not isinstance(fields.get("VersionId"), str) or "SecretData" not in fields:
+    if (
+        not isinstance(fields.get("SecretName"), str)
+        or not isinstance(fields.get("VersionId"), str)
+        or "SecretData" not in fields
+    ):
         return None
     return SecretValue(fields)
 
@@ -195,7 +201,9 @@ def parse_batch(body: bytes | bytearray, names: Sequence[str]) -> dict[str, Secr
 
 
 def _asked_as(answered: str, names: Sequence[str]) -> list[str]:
-    return [name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))]
+    return [
+        name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))
+    ]
 
 
 def parse_error(response: httpx.Response, body: bytes | bytearray) -> AgentError:
