@@ -1,7 +1,9 @@
-"""Shared fixtures: the KMS emulator on loopback, and the agent serving in-process against it."""
+"""Shared fixtures: the KMS emulator on loopback, and the agent serving in-process against it;
+and `eventually`, the one way a test waits for state no trio.Event can announce."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,6 +32,24 @@ SECRETS = {
 }
 #: Strings that must never appear in a log, an error body or stderr.
 SECRET_MATERIAL = (AK_SECRET, TOKEN, *SECRETS.values())
+
+
+async def eventually(condition: Callable[[], object], *, seconds: float = 10, interval: float = 0.02) -> None:
+    """Polls `condition` (awaited when it returns an awaitable) every `interval` until it holds;
+    trio.TooSlowError after `seconds`.
+
+    For state another process or thread changes: a file or the /metrics of an agent process, the
+    calls an agent process makes to an emulator, a fake server's or a watcher's bookkeeping. No
+    trio.Event crosses those boundaries, so the test looks again until it sees the change.
+    """
+
+    async def holds() -> bool:
+        result = condition()
+        return bool(await result if inspect.isawaitable(result) else result)
+
+    with trio.fail_after(seconds):
+        while not await holds():  # noqa: ASYNC110 - no event reaches here from another process
+            await trio.sleep(interval)
 
 
 @pytest.fixture

@@ -187,7 +187,7 @@ class Transient(Exception):
 
 
 def make_cache(nursery: trio.Nursery, **options: object) -> SecretCache[str, str]:
-    settings: dict[str, object] = dict(max_entries=100, ttl=100.0, is_transient=lambda e: isinstance(e, Transient))
+    settings: dict[str, object] = {"max_entries": 100, "ttl": 100.0, "is_transient": lambda e: isinstance(e, Transient)}
     settings.update(options)
     return SecretCache(loads=nursery, **settings)  # type: ignore[arg-type]
 

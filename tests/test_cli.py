@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,19 +24,25 @@ import httpx
 import pytest
 import trio
 
-from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN
+from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, eventually
 from kmsagent import __version__
 from kmsagent.config import Config, parse_config
 from kmsagent.emulator import Fault, KmsEmulator, MetadataEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir())}
 AGENT_ENV = {**BASE_ENV, "KMS_TOKEN": TOKEN, "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kmsagent", *args], env=env or BASE_ENV, cwd=cwd, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "kmsagent", *args],
+        env=env or BASE_ENV,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,  # the tests read the exit code
     )
 
 
@@ -93,10 +100,10 @@ async def agent_process(
         await process.wait()
 
 
-async def read_lines_until(process: trio.Process, marker: str, timeout: float = 20) -> list[str]:
+async def read_lines_until(process: trio.Process, marker: str, seconds: float = 20) -> list[str]:
     assert process.stdout is not None
     buffer, lines = b"", []
-    with trio.fail_after(timeout):
+    with trio.fail_after(seconds):
         while not any(marker in line for line in lines):
             chunk = await process.stdout.receive_some(4096)
             assert chunk, f"agent exited before {marker!r}: {lines}"
@@ -244,11 +251,12 @@ async def test_a_rotated_token_file_is_picked_up_without_restart(tmp_path: Path,
                 response = await client.get(agent.url("/v1/api-key"), headers={"X-KMS-Token": token})
                 return response.status_code
 
+            async def second_token_works() -> bool:
+                return await status("second-file-token") == 200
+
             assert await status("first-file-token") == 200
             token_file.write_text("second-file-token\n")
-            with trio.fail_after(5):
-                while await status("second-file-token") != 200:
-                    await trio.sleep(0.1)
+            await eventually(second_token_works, seconds=5, interval=0.1)
             assert await status("first-file-token") == 403
         assert await stop(agent, signal.SIGINT) == 0
 
@@ -268,7 +276,8 @@ async def test_dev_mode_prints_a_curl_line_that_works(tmp_path: Path, credential
             body = httpx.Response(200, content=result.stdout).json()
         else:  # the same request without curl
             token = command[2].split(": ", 1)[1]
-            body = httpx.get(command[3], headers={"X-KMS-Token": token}).json()
+            async with httpx.AsyncClient() as client:
+                body = (await client.get(command[3], headers={"X-KMS-Token": token})).json()
         demo = tomllib.loads((ROOT / "conf" / "dev-secrets.toml").read_text())["secret"][0]
         assert (body["SecretName"], body["SecretData"]) == (demo["name"], demo["data"])
         assert await stop(agent, signal.SIGINT) == 0
@@ -391,10 +400,9 @@ async def test_a_stop_signal_during_a_prefetch_against_a_hanging_kms(
     assert_no_traceback(tmp_path)
 
 
-async def wait_for_text(path: Path, marker: str) -> None:
-    with trio.fail_after(10):
-        while marker not in path.read_text():
-            await trio.sleep(0.05)
+async def wait_for_text(path: Path, marker: str, seconds: float = 10) -> None:
+    """Until `marker` shows in `path` (an agent process's stderr or log)."""
+    await eventually(lambda: marker in path.read_text(), seconds=seconds, interval=0.05)
 
 
 async def test_sighup_during_start_up_is_held_and_applied(tmp_path: Path, emulator: KmsEmulator) -> None:
@@ -419,9 +427,7 @@ async def test_sighup_during_a_prefetch_is_survived(tmp_path: Path, emulator: Km
     emulator.inject(Fault(delay=1.5), times=1)
     config = with_prefetch(tmp_path, emulator.endpoint)
     async with spawned_agent(["--config", str(config)], AGENT_ENV, tmp_path) as process:
-        with trio.fail_after(20):
-            while emulator.call_count("db/password") == 0:
-                await trio.sleep(0.01)
+        await eventually(lambda: emulator.call_count("db/password") > 0, seconds=20, interval=0.01)
         process.send_signal(signal.SIGHUP)
         lines = await read_lines_until(process, "listening on")
         port = int(lines[-1].rsplit(":", 1)[1])
@@ -523,8 +529,8 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 
     try:
         status = main(list(args))
-    except SystemExit as exit:
-        status = int(exit.code or 0)
+    except SystemExit as stopped:
+        status = int(stopped.code or 0)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 

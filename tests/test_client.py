@@ -23,7 +23,9 @@ from kmsagent import client
 from kmsagent.emulator import KmsEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), "KMS_TOKEN": TOKEN}
+ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir()), "KMS_TOKEN": TOKEN}
+#: The `agent_of_type` fixture: an agent answering with ResponseType n, and the client arguments.
+AgentOfType = Callable[[int], Awaitable[tuple[RunningAgent, list[str]]]]
 NO_TOKEN_ENV = {key: value for key, value in ENV.items() if key != "KMS_TOKEN"}
 TEXT = "line one\nünïcödé — 名前\n"  # a trailing newline that must come out as is, and no other
 BINARY = b"\x00\xff\xfe binary\nsecret\r\n\x80"
@@ -74,9 +76,7 @@ async def secrets(emulator: KmsEmulator) -> KmsEmulator:
 
 
 @pytest.fixture
-async def agent_of_type(
-    secrets: KmsEmulator, start_agent: StartAgent, tmp_path: Path
-) -> Callable[[int], Awaitable[tuple[RunningAgent, list[str]]]]:
+async def agent_of_type(secrets: KmsEmulator, start_agent: StartAgent, tmp_path: Path) -> AgentOfType:
     """An agent answering with ResponseType n, and the client arguments that reach it."""
 
     async def start(response_type: int) -> tuple[RunningAgent, list[str]]:
@@ -91,20 +91,20 @@ async def agent_of_type(
 
 
 @pytest.mark.parametrize("response_type", [0, 1, 2])
-async def test_a_text_secret_is_printed_as_its_exact_bytes(agent_of_type, response_type: int) -> None:
+async def test_a_text_secret_is_printed_as_its_exact_bytes(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     result = await kmsagent_get("text", *where)
     assert (result.returncode, result.stdout, result.stderr) == (0, TEXT.encode(), b"")
 
 
 @pytest.mark.parametrize("response_type", [0, 1])
-async def test_a_binary_secret_is_decoded(agent_of_type, response_type: int) -> None:
+async def test_a_binary_secret_is_decoded(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     result = await kmsagent_get("binary", *where)
     assert (result.returncode, result.stdout) == (0, BINARY)
 
 
-async def test_a_binary_secret_under_vault_answers_is_its_base64(agent_of_type) -> None:
+async def test_a_binary_secret_under_vault_answers_is_its_base64(agent_of_type: AgentOfType) -> None:
     """Vault's `data` carries no type: the documented limit of ResponseType 2."""
     _, where = await agent_of_type(2)
     result = await kmsagent_get("binary", *where)
@@ -112,7 +112,7 @@ async def test_a_binary_secret_under_vault_answers_is_its_base64(agent_of_type) 
 
 
 @pytest.mark.parametrize("response_type", [0, 1, 2])
-async def test_json_key_prints_a_string_as_is_else_json(agent_of_type, response_type: int) -> None:
+async def test_json_key_prints_a_string_as_is_else_json(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     for key, printed in [("pass", DOCUMENT["pass"].encode()), ("port", b"5432"), ("tls", b'{"ca":["a","b"]}')]:
         result = await kmsagent_get("document", "--json-key", key, *where)
@@ -120,28 +120,28 @@ async def test_json_key_prints_a_string_as_is_else_json(agent_of_type, response_
 
 
 @pytest.mark.parametrize("secret", ["document", "text"])
-async def test_a_missing_json_key_exits_3(agent_of_type, secret: str) -> None:
+async def test_a_missing_json_key_exits_3(agent_of_type: AgentOfType, secret: str) -> None:
     _, where = await agent_of_type(0)
     result = await kmsagent_get(secret, "--json-key", "nope", *where)
     assert (result.returncode, result.stdout) == (3, b"")
     assert "'nope'" in one_line(result)
 
 
-async def test_any_legal_name_reaches_the_agent_intact(agent_of_type) -> None:
+async def test_any_legal_name_reaches_the_agent_intact(agent_of_type: AgentOfType) -> None:
     _, where = await agent_of_type(0)
     for name in ODD_NAMES:
         result = await kmsagent_get(name, *where)
         assert (result.returncode, result.stdout) == (0, f"value of {name}".encode()), (name, result.stderr)
 
 
-async def test_raw_response_is_the_agents_whole_body(agent_of_type) -> None:
+async def test_raw_response_is_the_agents_whole_body(agent_of_type: AgentOfType) -> None:
     agent, where = await agent_of_type(0)
     result = await kmsagent_get("document", "--raw-response", *where)
     assert result.returncode == 0
     assert result.stdout == (await agent.get("/secretsmanager/get?secretId=document")).content
 
 
-async def test_version_stage_and_version_id_are_sent(agent_of_type, secrets: KmsEmulator) -> None:
+async def test_version_stage_and_version_id_are_sent(agent_of_type: AgentOfType, secrets: KmsEmulator) -> None:
     _, where = await agent_of_type(0)
     first = secrets.put_secret("rotating", "first")
     secrets.put_secret("rotating", "second")
@@ -154,14 +154,14 @@ async def test_version_stage_and_version_id_are_sent(agent_of_type, secrets: Kms
 
 
 @pytest.mark.parametrize("response_type", [0, 1, 2])
-async def test_an_unknown_secret_exits_3_with_the_agents_code(agent_of_type, response_type: int) -> None:
+async def test_an_unknown_secret_exits_3_with_the_agents_code(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     result = await kmsagent_get("no/such/secret", *where)
     assert (result.returncode, result.stdout) == (3, b"")
     assert "404 Forbidden.ResourceNotFound: " in one_line(result)
 
 
-async def test_a_wrong_token_exits_3(agent_of_type) -> None:
+async def test_a_wrong_token_exits_3(agent_of_type: AgentOfType) -> None:
     _, where = await agent_of_type(0)
     result = await kmsagent_get("text", *where, env={**ENV, "KMS_TOKEN": "not-the-token-Qz7"})
     assert result.returncode == 3 and "BadToken" in one_line(result)
@@ -260,7 +260,7 @@ async def test_socket_on_the_command_line_wins_over_the_port(nursery: trio.Nurse
     assert (result.returncode, result.stdout) == (0, b"s")
 
 
-async def test_a_configured_socket_that_is_gone_exits_1_without_trying_tcp(agent_of_type, short_dir: Path, tmp_path: Path) -> None:
+async def test_a_configured_socket_that_is_gone_exits_1_without_trying_tcp(agent_of_type: AgentOfType, short_dir: Path, tmp_path: Path) -> None:
     agent, _ = await agent_of_type(0)  # a live agent on HttpPort: no fallback to it
     config = server_config(tmp_path, f'[Server]\nHttpPort = {agent.port}\nUnixSocket = "{short_dir / "gone.sock"}"\n')
     result = await kmsagent_get("text", "--config", config)
@@ -347,7 +347,7 @@ async def test_a_bad_server_key_exits_2_with_one_line(tmp_path: Path, text: str,
     assert result.returncode == 2 and named in one_line(result)
 
 
-async def test_other_sections_are_not_checked(agent_of_type, tmp_path: Path) -> None:
+async def test_other_sections_are_not_checked(agent_of_type: AgentOfType, tmp_path: Path) -> None:
     """An application user runs the client with the agent's config: its log folder, credentials
     and keys from a newer version are none of the client's business."""
     agent, _ = await agent_of_type(0)
@@ -358,7 +358,7 @@ async def test_other_sections_are_not_checked(agent_of_type, tmp_path: Path) -> 
     assert (result.returncode, result.stdout) == (0, TEXT.encode())
 
 
-async def test_the_token_is_read_from_a_file(agent_of_type, tmp_path: Path) -> None:
+async def test_the_token_is_read_from_a_file(agent_of_type: AgentOfType, tmp_path: Path) -> None:
     _, where = await agent_of_type(0)
     (tmp_path / "token").write_text(f"{TOKEN}\n")
     result = await kmsagent_get("text", *where, env={**ENV, "KMS_TOKEN": f"file://{tmp_path / 'token'}"})

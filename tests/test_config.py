@@ -300,7 +300,7 @@ REJECTED: list[tuple[str, str, Any]] = [
     ("Credentials", "StsProtocol", "ftp"),
     ("Credentials", "Profile", "bad\nname"),
     ("Credentials", "Profile", "p" * 129),
-    ("Credentials", "CliConfigPath", "/tmp/a\x00b"),
+    ("Credentials", "CliConfigPath", "/tmp/a\x00b"),  # noqa: S108 - refused (a NUL), never opened
     ("Credentials", "CredentialsUri", "http://10.0.0.1/credentials"),
     ("Credentials", "CredentialsUri", "http://100.100.100.200/credentials"),
     ("Credentials", "CredentialsUri", "http://credentials.example/c"),
@@ -411,7 +411,7 @@ WRONG_TYPES: list[tuple[str, str, Any]] = [
     ("Credentials", "DurationSeconds", "3600"),
     ("Credentials", "AllowedRoleArns", [1]),
     ("Credentials", "Policy", {"Version": "1"}),
-    ("Log", "Path", {"dir": "/tmp"}),
+    ("Log", "Path", {"dir": "/tmp"}),  # noqa: S108 - refused (not a string), never opened
     ("Credentials", "RoleName", "\ud800"),  # a lone surrogate: has no UTF-8 form, so no TOML form
 ]
 

@@ -216,7 +216,7 @@ def test_check_credentials_follows_the_source_type_and_lets_auto_pass(tmp_path: 
     check_credentials(CredentialsConfig(), env)
     check_credentials(CredentialsConfig(type="ecs_ram_role"), env)
     role = CredentialsConfig(type="ram_role_arn", role_arn="acs:ram::1:role/r", source_type="cli_profile")
-    with pytest.raises(CredentialsUnavailable, match='Type = "cli_profile".*config.json: not found'):
+    with pytest.raises(CredentialsUnavailable, match=r'Type = "cli_profile".*config\.json: not found'):
         check_credentials(role, env)
 
 

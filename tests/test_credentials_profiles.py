@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
+from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent, eventually
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source, profiles
 from kmsagent.credentials.oidc import OidcRoleCredentials
@@ -331,12 +330,6 @@ def fast_watch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profiles, "WATCH_INTERVAL", 0.02)
 
 
-async def wait_for(condition: Callable[[], object], seconds: float = 5) -> None:
-    with trio.fail_after(seconds):
-        while not condition():
-            await trio.sleep(0.02)
-
-
 def write(path: Path, text: str) -> None:
     """Replaces the file's content, and makes sure its stamp changes even within one mtime tick."""
     path.write_text(text)
@@ -357,7 +350,7 @@ async def test_a_changed_file_is_read_again_and_a_broken_one_keeps_the_last_good
 
     # Broken: the bad line holds a secret; the log names file, line and kind, never the line.
     write(path, '{"current": "default",\n "profiles": [{"name": "default", "mode": "AK",\n "access_key_secret": "' + SECRET_ON_BAD_LINE + '" "x": 1}]}')
-    await wait_for(lambda: any("not valid JSON" in line for line in captured_logs))
+    await eventually(lambda: any("not valid JSON" in line for line in captured_logs), seconds=5)
     assert (await source.current()).access_key_id == "LTAIfirst"
     errors = [line for line in captured_logs if "not valid JSON" in line]
     assert len(errors) == 1 and f"{path}: line 3: not valid JSON; keeping the last good credentials" in errors[0]
@@ -366,13 +359,13 @@ async def test_a_changed_file_is_read_again_and_a_broken_one_keeps_the_last_good
 
     # Gone: the same.
     path.unlink()
-    await wait_for(lambda: any("not found" in line for line in captured_logs))
+    await eventually(lambda: any("not found" in line for line in captured_logs), seconds=5)
     assert (await source.current()).access_key_id == "LTAIfirst"
 
     # Fixed with new keys: they are used from now on.
     profile.update(access_key_id="LTAIsecond", access_key_secret="second-secret-Bb2")
     write(path, json.dumps({"current": "default", "profiles": [profile]}))
-    await wait_for(lambda: source.builds == 2)
+    await eventually(lambda: source.builds == 2, seconds=5)
     assert (await source.current()).access_key_id == "LTAIsecond"
     assert any("is usable again" in line for line in captured_logs)
     text = "\n".join(captured_logs)
@@ -399,7 +392,7 @@ async def test_an_unchanged_profile_is_not_rebuilt_and_a_changed_role_replaces_t
     await trio.sleep(0.3)
     assert source.builds == 1 and len(sts.calls) == 1
     write(path, ini(second))
-    await wait_for(lambda: source.builds == 2)
-    await wait_for(lambda: len(sts.issued) == 2)
+    await eventually(lambda: source.builds == 2, seconds=5)
+    await eventually(lambda: len(sts.issued) == 2, seconds=5)
     assert [call.role_arn for call in sts.calls] == [first, second]
     assert (await source.current()).access_key_id == sts.issued[1].access_key_id

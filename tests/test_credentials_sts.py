@@ -7,6 +7,7 @@ refusing is a 403 with STS's code; the source credentials run inside the session
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -172,7 +173,7 @@ async def test_a_900_s_session_renews_every_600_s_not_in_a_loop(
     await trio.sleep(3000)
     minted = minted_at(sts, 900)
     assert len(minted) == 6  # the first one and 5 renewals, at 600 s each
-    gaps = [later - earlier for earlier, later in zip(minted, minted[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(minted)]
     assert gaps == pytest.approx([600] * 5, abs=1)
 
 

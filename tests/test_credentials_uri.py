@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -57,7 +58,7 @@ async def test_uri_credentials_renew_a_third_of_their_lifetime_before_expiry(
     assert {status for _, status in statuses} == {200}
     minted = [issued.expires_at - uri.lifetime for issued in uri.issued]
     assert len(minted) == 6  # at 0, 40, 80, 120, 160, 200 s: min(900, 60 / 3) = 20 s before expiry
-    assert [later - earlier for earlier, later in zip(minted, minted[1:])] == pytest.approx([40] * 5, abs=1)
+    assert [later - earlier for earlier, later in itertools.pairwise(minted)] == pytest.approx([40] * 5, abs=1)
     assert emulator.calls[-1].access_key_id in {issued.access_key_id for issued in uri.issued[-2:]}
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import AK_SECRET, TOKEN
+from conftest import AK_SECRET, TOKEN, eventually
 from kmsagent.config import ConfigError, parse_config, with_command
 from kmsagent.emulator import KmsEmulator
 from kmsagent.processes import child_environment, exit_status
@@ -61,12 +61,6 @@ def events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-async def eventually(condition: Any, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-
-
 def exec_config(tmp_path: Path, endpoint: str, exec_table: str, ttl: int = 1) -> Path:
     path = write_config(tmp_path, endpoint)
     path.write_text(path.read_text() + f"\n[Cache]\nTtlSeconds = {ttl}\n[Exec]\n{exec_table}\n")
@@ -79,8 +73,8 @@ def child_argv(tmp_path: Path, mode: str = "wait") -> list[str]:
     return [sys.executable, str(script), str(tmp_path / "events"), mode]
 
 
-async def wait_exit(agent: AgentProcess, timeout: float) -> int:
-    with trio.fail_after(timeout):
+async def wait_exit(agent: AgentProcess, seconds: float) -> int:
+    with trio.fail_after(seconds):
         return await agent.process.wait()
 
 
@@ -213,7 +207,7 @@ async def test_a_child_that_ignores_sigterm_is_killed_after_stop_timeout(tmp_pat
         agent.process.send_signal(signal.SIGTERM)
         assert await wait_exit(agent, 1 + 2) == 128 + signal.SIGKILL  # SPEC: StopTimeoutSeconds + 2 s
         assert trio.current_time() - started >= 1
-    assert not Path(f"/proc/{child}").exists()
+    assert not await trio.Path(f"/proc/{child}").exists()
     assert "did not stop within 1s of SIGTERM: SIGKILL" in agent.stderr_path.read_text()
 
 
@@ -258,7 +252,7 @@ async def test_the_child_cannot_read_the_agents_environment(tmp_path: Path, secr
         agent.process.send_signal(signal.SIGTERM)
         assert await wait_exit(agent, 5) == 128 + signal.SIGTERM  # sleep does not catch it
     assert result.read_text().strip() == "1"
-    assert "Permission denied" in Path(f"{result}.err").read_text()
+    assert "Permission denied" in await trio.Path(f"{result}.err").read_text()
 
 
 # --- Command line and config ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SECRET_MATERIAL, TOKEN
+from conftest import SECRET_MATERIAL, TOKEN, eventually
 from kmsagent import files
 from kmsagent.cache import Outcome, SecretCache
 from kmsagent.checks import CacheKey, SecretQuery
@@ -43,13 +43,6 @@ DB = '{"user": "app", "password": "files-db-password-Qw3e", "port": 5432, "tls.c
 
 def secret(data: str, *, binary: bool = False) -> SecretValue:
     return SecretValue({"SecretName": "s", "SecretData": data, "VersionId": "v1", "SecretDataType": "binary" if binary else "text"})
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 10) -> None:
-    """Polls `condition` (state another process changes) until it holds, failing after `timeout`."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 # --- Templates and rendering --------------------------------------------------------------------
@@ -228,7 +221,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         write_atomic(str(path), b"new", 0o600, None, None)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f"]
 
@@ -454,7 +447,7 @@ async def test_files_are_written_before_the_port_opens_and_follow_rotations_with
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
         emulator.rotate("files/db", DB.replace("files-db-password-Qw3e", "files-db-rotated-Zx8c"))
         rotated = trio.current_time()
-        await eventually(lambda: (out / "password").read_text() == "files-db-rotated-Zx8c", timeout=5)
+        await eventually(lambda: (out / "password").read_text() == "files-db-rotated-Zx8c", seconds=5)
         assert trio.current_time() - rotated < 1 + 0.5  # TtlSeconds = 1, plus the load
         await eventually(lambda: "rotated" in (out / "dsn").read_text())
         await eventually(lambda: log.exists() and log.read_text() == "changed\n")
@@ -565,7 +558,7 @@ async def test_once_writes_every_file_and_exits_0_or_1_naming_the_failures(tmp_p
 
     def once() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "kmsagent", "--once", "--config", str(config)], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "kmsagent", "--once", "--config", str(config)], env=env, capture_output=True, text=True, timeout=60, check=False
         )
 
     config = files_config(tmp_path, emulator.endpoint, tables)

@@ -282,9 +282,11 @@ def test_a_reload_with_an_unusable_path_keeps_the_running_sinks(sinks: Configure
     paths = unusable_paths(tmp_path)
     for path in paths:
         result: list[BaseException] = []
-        attempt = threading.Thread(
-            target=lambda: result.append(_raised(lambda: sinks(path=path, format="text", level="debug"))), daemon=True
-        )
+
+        def reload(path: str = path, result: list[BaseException] = result) -> None:
+            result.append(_raised(lambda: sinks(path=path, format="text", level="debug")))
+
+        attempt = threading.Thread(target=reload, daemon=True)
         attempt.start()
         attempt.join(5)  # a FIFO must not block a reload
         assert not attempt.is_alive() and isinstance(result[0], LogSetupError), (path, result)

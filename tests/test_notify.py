@@ -47,8 +47,8 @@ def drain(sock: socket.socket) -> list[str]:
             return messages
 
 
-async def receive(sock: socket.socket, timeout: float = 10) -> str:
-    with trio.fail_after(timeout):
+async def receive(sock: socket.socket, seconds: float = 10) -> str:
+    with trio.fail_after(seconds):
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
@@ -57,9 +57,9 @@ async def receive(sock: socket.socket, timeout: float = 10) -> str:
                 continue
 
 
-async def receive_state(sock: socket.socket, timeout: float = 10) -> str:
+async def receive_state(sock: socket.socket, seconds: float = 10) -> str:
     """The next datagram that is not a watchdog ping."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(seconds):
         while (message := await receive(sock)) == WATCHDOG:
             pass
     return message
@@ -153,9 +153,9 @@ async def test_the_watchdog_pings_from_the_loop_and_stops_when_the_loop_is_stuck
         nursery.start_soon(notifier.watchdog)
         assert await receive(sock) == WATCHDOG
         drain(sock)
-        time.sleep(0.3)  # the test's hook: a blocking call on the trio thread, ~15 intervals long
+        time.sleep(0.3)  # noqa: ASYNC251 - the test's hook: a blocking call on the trio thread, ~15 intervals long
         assert drain(sock) == [], "pings went on while the trio loop was blocked"
-        assert await receive(sock, timeout=2) == WATCHDOG  # the loop runs again: so do the pings
+        assert await receive(sock, seconds=2) == WATCHDOG  # the loop runs again: so do the pings
         nursery.cancel_scope.cancel()
 
 

@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.parse
@@ -33,7 +34,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir())}
 #: The names of issue 11: each broke the README's old Python client in its own way.
 NAMES = ["a+b", "a&b", "with space", "ünïcode/名前"]
 JSON_SECRET = "prod/db-password"
@@ -202,8 +203,8 @@ aws_agent = agent_fixture("aws_agent", server_table(recipe("aws-config"), "HttpP
 
 
 def run(args: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout: float = 30) -> str:
-    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr  # not check=True: the failure shows stderr
     return result.stdout
 
 
@@ -283,7 +284,12 @@ def test_shell_recipe_fails_with_the_agents_error(kms_agent: Agent) -> None:
     """`--fail-with-body`: a script sees a non-zero status, and the agent's Code says why."""
     script = substitute(recipe("shell"), {"localhost:2025": f"localhost:{kms_agent.port}"}) + 'get_secret "$1"\n'
     result = subprocess.run(
-        ["bash", "-c", script, "bash", "no/such+secret"], env=kms_token_env(kms_agent), capture_output=True, text=True, timeout=30
+        ["bash", "-c", script, "bash", "no/such+secret"],
+        env=kms_token_env(kms_agent),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,  # it must fail
     )
     assert result.returncode != 0
     assert json.loads(result.stdout)["Code"] == "Forbidden.ResourceNotFound"
@@ -394,6 +400,6 @@ def run_emulator_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tu
 
     try:
         status: object = main(args)
-    except SystemExit as exit:
-        status = exit.code
+    except SystemExit as stopped:
+        status = stopped.code
     return status, capsys.readouterr().err
