@@ -660,7 +660,17 @@ def report(rows: list[Row], seconds: float) -> None:
         f"kmsagent abuse {time.strftime('%Y-%m-%d %H:%M')}: {seconds:g}s per run, 2 runs per pattern, "
         f"{WARM_UP:g}s warm-up, MaxConcurrentRequests {MAX_CONCURRENT}; RSS in MB"
     )
-    header = ("pattern", "RSS before", "peak run 1", "peak run 2", "RSS after", "KMS calls", "errors", "bound (+)", "result")
+    header = (
+        "pattern",
+        "RSS before",
+        "peak run 1",
+        "peak run 2",
+        "RSS after",
+        "KMS calls",
+        "errors",
+        "bound (+)",
+        "result",
+    )
     lines = [header]
     for row in rows:
         p = row.pattern

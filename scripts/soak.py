@@ -78,7 +78,8 @@ ENV_SECRET = "soak/env"
 CHILD = """
 import json, os, signal, sys
 with open(sys.argv[1], "a") as log:
-    log.write(json.dumps({"pid": os.getpid(), "password": os.environ["SOAK_PASSWORD"], "all": os.environ["SOAK_ALL"]}) + "\\n")
+    started = {"pid": os.getpid(), "password": os.environ["SOAK_PASSWORD"], "all": os.environ["SOAK_ALL"]}
+    log.write(json.dumps(started) + "\\n")
 signal.pause()
 """
 
@@ -286,7 +287,9 @@ class FilesAndExec:
                         stats.late_in_windows += 1
                     else:
                         stats.late += 1
-                        self._example(f"{path}: v{position}, superseded {started - versions[position + 1]:.1f}s before the read")
+                        self._example(
+                            f"{path}: v{position}, superseded {started - versions[position + 1]:.1f}s before the read"
+                        )
             time.sleep(0.05)
 
     def _example(self, text: str) -> None:
@@ -477,7 +480,9 @@ class Soak:
         if ended - started > REQUEST_TIMEOUT_MS / 1000 + ANSWER_SLACK:
             stats.too_slow += 1
             if len(stats.wrong_examples) < 10:
-                stats.wrong_examples.append(f"{status} for {name} at {started - self.t0:.1f}s took {ended - started:.2f}s")
+                stats.wrong_examples.append(
+                    f"{status} for {name} at {started - self.t0:.1f}s took {ended - started:.2f}s"
+                )
         window = self._window_of(started, ended)
         if window is not None:
             window.requests += 1
@@ -488,7 +493,9 @@ class Soak:
             else:
                 stats.errors_out[status] += 1
                 if len(stats.wrong_examples) < 10:
-                    stats.wrong_examples.append(f"unexpected {status} for {name} at {started - self.t0:.1f}s: {body[:120]!r}")
+                    stats.wrong_examples.append(
+                        f"unexpected {status} for {name} at {started - self.t0:.1f}s: {body[:120]!r}"
+                    )
             return
         cache = headers.get(b"x-kms-agent-cache", b"?").decode()
         stats.by_cache[cache] += 1
@@ -740,7 +747,8 @@ class Soak:
             f"fault windows        {len(self.windows)} (requests / stale / non-200 counted to end + grace):",
         ]
         lines += [
-            f"  {f'{w.start - self.t0:.0f}-{w.end - self.t0:.0f}s':>10} {w.kind:<16} {w.requests:>7} / {w.stale:>5} / {w.errors:>4}"
+            f"  {f'{w.start - self.t0:.0f}-{w.end - self.t0:.0f}s':>10} {w.kind:<16} "
+            f"{w.requests:>7} / {w.stale:>5} / {w.errors:>4}"
             for w in self.windows
         ]
         lines += [f"  ! {example}" for example in s.wrong_examples + s.transport_examples]
@@ -751,23 +759,31 @@ class Soak:
             extra, results, f = self.extra, self.extra_results, self.extra.stats
             metrics = results["metrics"]
             written, unchanged, write_failed = (
-                metrics.get(f'kmsagent_file_writes_total{{outcome="{outcome}"}}', 0.0) for outcome in ("written", "unchanged", "failed")
+                metrics.get(f'kmsagent_file_writes_total{{outcome="{outcome}"}}', 0.0)
+                for outcome in ("written", "unchanged", "failed")
             )
             runs_ok = metrics.get('kmsagent_file_onchange_runs_total{outcome="success"}', 0.0)
-            runs_not = sum(v for k, v in metrics.items() if k.startswith("kmsagent_file_onchange_runs_total") and "success" not in k)
+            runs_not = sum(
+                v
+                for k, v in metrics.items()
+                if k.startswith("kmsagent_file_onchange_runs_total") and "success" not in k
+            )
             files_ok = f.partial == 0 and f.bad_mode == 0 and f.late == 0 and results["at_last"] == len(extra.tables)
             lines += [
                 (
-                    f"files                {len(extra.tables)} (Mode {FILE_MODE:04o}, rotated every {self.args.file_rotate_every:.0f}s: "
-                    f"{extra.rotations} rotations), reads {f.reads}"
+                    f"files                {len(extra.tables)} (Mode {FILE_MODE:04o}, "
+                    f"rotated every {self.args.file_rotate_every:.0f}s: {extra.rotations} rotations), reads {f.reads}"
                 ),
                 f"  partial reads      {f.partial}",
                 f"  wrong mode         {f.bad_mode}",
                 f"  older than TTL     {f.late} (in fault windows: {f.late_in_windows}); missing {f.missing}",
-                f"  at last value      {results['at_last']}/{len(extra.tables)} after {TTL + MARGIN + 3:.0f}s to settle",
                 (
-                    f"  writes             {written:.0f} written, {unchanged:.0f} unchanged, {write_failed:.0f} failed; "
-                    f"OnChange {runs_ok:.0f} ok, {runs_not:.0f} not"
+                    f"  at last value      {results['at_last']}/{len(extra.tables)} "
+                    f"after {TTL + MARGIN + 3:.0f}s to settle"
+                ),
+                (
+                    f"  writes             {written:.0f} written, {unchanged:.0f} unchanged, "
+                    f"{write_failed:.0f} failed; OnChange {runs_ok:.0f} ok, {runs_not:.0f} not"
                 ),
             ]
             failed = failed or not files_ok if extra.tables else failed
@@ -783,7 +799,10 @@ class Soak:
                 failed = failed or not exec_ok
             lines += [f"  ! {example}" for example in f.examples]
         lines.append(f"zombies              {len(self.zombies)}")
-        lines.append(f"open descriptors     start {self.fds_at_start}, end {self.fds_at_end} (growth {growth}; KMS pools allow {pool_slack})")
+        lines.append(
+            f"open descriptors     start {self.fds_at_start}, end {self.fds_at_end} "
+            f"(growth {growth}; KMS pools allow {pool_slack})"
+        )
         lines.append(f"RESULT               {'FAIL' if failed else 'PASS'}")
         print("\n".join(lines), flush=True)
         return 1 if failed else 0
@@ -805,13 +824,24 @@ def main() -> int:
     parser.add_argument("--rotate-every", type=float, default=0.25, help="mean seconds between rotations")
     parser.add_argument("--no-metadata", dest="metadata", action="store_false", help="static keys, no renewals")
     parser.add_argument("--ttl", type=int, default=30, help="TtlSeconds (default %(default)s)")
-    parser.add_argument("--files", type=int, default=0, metavar="N", help="also render N secrets to files and check every read")
-    parser.add_argument("--exec", action="store_true", help="also supervise a child with Env secrets and count its restarts")
-    parser.add_argument("--file-rotate-every", type=float, default=30.0, help="seconds between rotations of the file and Env secrets")
     parser.add_argument(
-        "--faults", action=argparse.BooleanOptionalAction, default=None, help="KMS fault windows (default: on, off with --files/--exec)"
+        "--files", type=int, default=0, metavar="N", help="also render N secrets to files and check every read"
     )
-    parser.add_argument("--log", default=os.path.join(tempfile.gettempdir(), f"soak-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+    parser.add_argument(
+        "--exec", action="store_true", help="also supervise a child with Env secrets and count its restarts"
+    )
+    parser.add_argument(
+        "--file-rotate-every", type=float, default=30.0, help="seconds between rotations of the file and Env secrets"
+    )
+    parser.add_argument(
+        "--faults",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="KMS fault windows (default: on, off with --files/--exec)",
+    )
+    parser.add_argument(
+        "--log", default=os.path.join(tempfile.gettempdir(), f"soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    )
     args = parser.parse_args()
     TTL = args.ttl
     logger.remove()

@@ -31,7 +31,12 @@ from kmsagent.emulator import Fault, KmsEmulator, MetadataEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir())}
-AGENT_ENV = {**BASE_ENV, "KMS_TOKEN": TOKEN, "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+AGENT_ENV = {
+    **BASE_ENV,
+    "KMS_TOKEN": TOKEN,
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET,
+}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -205,7 +210,9 @@ async def test_serves_secrets_then_stops_on_sigterm_without_leaking(tmp_path: Pa
             for name, value in SECRETS.items():
                 response = await client.get(agent.url(f"/secretsmanager/get?secretId={name}"))
                 assert response.status_code == 200 and response.json()["SecretData"] == value
-            assert (await client.get(agent.url("/secretsmanager/get?secretId=db/password"))).headers["x-kms-agent-cache"] == "hit"
+            assert (await client.get(agent.url("/secretsmanager/get?secretId=db/password"))).headers[
+                "x-kms-agent-cache"
+            ] == "hit"
             missing = await client.get(agent.url("/secretsmanager/get?secretId=no-such-secret"))
             assert (missing.status_code, missing.json()["Code"]) == (404, "Forbidden.ResourceNotFound")
             assert (await client.get(agent.url("/ping"), headers={"X-KMS-Token": "wrong"})).status_code == 200
@@ -213,14 +220,20 @@ async def test_serves_secrets_then_stops_on_sigterm_without_leaking(tmp_path: Pa
         assert await stop(agent) == 0
     log_files = list((tmp_path / "logs").iterdir())
     assert [path.name for path in log_files] == ["kmsagent.log"]
-    outputs = {"stderr": agent.stderr_path.read_text(), "log": log_files[0].read_text(), "stdout": "\n".join(agent.stdout)}
+    outputs = {
+        "stderr": agent.stderr_path.read_text(),
+        "log": log_files[0].read_text(),
+        "stdout": "\n".join(agent.stdout),
+    }
     assert "no-such-secret" in outputs["log"] and '"level"' in outputs["log"]  # debug request lines, JSON
     for where, text in outputs.items():
         for material in SECRET_MATERIAL:
             assert material not in text, f"secret material in {where}"
 
 
-async def test_the_ecs_ram_role_is_the_auto_source_without_keys(tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery) -> None:
+async def test_the_ecs_ram_role_is_the_auto_source_without_keys(
+    tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery
+) -> None:
     metadata = MetadataEmulator(emulator)
     await nursery.start(metadata.serve)
     config = write_config(tmp_path, emulator.endpoint).read_text()
@@ -349,7 +362,9 @@ def assert_no_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("moment", ["first-line", 0.1, 0.3, 0.6])
-async def test_a_stop_signal_at_any_moment_of_start_up_exits_0(tmp_path: Path, signum: int, moment: str | float) -> None:
+async def test_a_stop_signal_at_any_moment_of_start_up_exits_0(
+    tmp_path: Path, signum: int, moment: str | float
+) -> None:
     """At the package's first line; then 0.1, 0.3 and 0.6 s after spawning but never before the
     heavy imports began (on a loaded machine the interpreter alone can take longer than that)."""
     config = write_config(tmp_path, "127.0.0.1:1")
@@ -550,7 +565,9 @@ def test_port_80_exits_2_with_one_line() -> None:
     assert "'80': must be 0 or an integer in 1024..65535" in result.stderr
 
 
-def test_the_port_overrides_http_port_in_the_effective_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_the_port_overrides_http_port_in_the_effective_config(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     (tmp_path / "c.toml").write_text("[Server]\nHttpPort = 2025\n")
     status, stdout, _ = run_main(capsys, "--check-config", "--config", str(tmp_path / "c.toml"), "--port", "3999")
     assert status == 0 and tomllib.loads(stdout)["Server"]["HttpPort"] == 3999
@@ -673,7 +690,11 @@ async def test_the_start_line_names_the_ipv6_address_too(tmp_path: Path, emulato
     if dev:
         args, env = ["--dev", "--config", str(dev_config(tmp_path, "BindIPv6 = true\n"))], BASE_ENV
     else:
-        text = write_config(tmp_path, emulator.endpoint).read_text().replace("HttpPort = 0", "HttpPort = 0\nBindIPv6 = true")
+        text = (
+            write_config(tmp_path, emulator.endpoint)
+            .read_text()
+            .replace("HttpPort = 0", "HttpPort = 0\nBindIPv6 = true")
+        )
         (tmp_path / "v6.toml").write_text(text)
         args, env = ["--config", str(tmp_path / "v6.toml")], AGENT_ENV
     async with agent_process(args, env, tmp_path) as agent:

@@ -23,7 +23,11 @@ from kmsagent import client
 from kmsagent.emulator import KmsEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir()), "KMS_TOKEN": TOKEN}
+ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "HOME": os.environ.get("HOME", tempfile.gettempdir()),
+    "KMS_TOKEN": TOKEN,
+}
 #: The `agent_of_type` fixture: an agent answering with ResponseType n, and the client arguments.
 AgentOfType = Callable[[int], Awaitable[tuple[RunningAgent, list[str]]]]
 NO_TOKEN_ENV = {key: value for key, value in ENV.items() if key != "KMS_TOKEN"}
@@ -197,7 +201,9 @@ class FakeAgent:
                 head += chunk
         self.heads.append(head)
         status_line = b"HTTP/1.1 %d Whatever\r\n" % self.status
-        await stream.send_all(status_line + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.body) + self.body)
+        await stream.send_all(
+            status_line + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.body) + self.body
+        )
         await stream.aclose()
 
 
@@ -243,7 +249,9 @@ async def test_the_unix_socket_of_the_config_is_used(nursery: trio.Nursery, shor
     fake = FakeAgent(200, json.dumps({"SecretData": "via socket", "SecretDataType": "text"}).encode())
     await fake_on_unix(nursery, fake, path)
     config = server_config(
-        tmp_path, f'[Server]\nHttpPort = 1024\nUnixSocket = "{path}"\nSSRFHeaders = ["X-Mine"]\nSSRFEnvVariables = ["MY_TOKEN", "KMS_TOKEN"]\n'
+        tmp_path,
+        f'[Server]\nHttpPort = 1024\nUnixSocket = "{path}"\n'
+        'SSRFHeaders = ["X-Mine"]\nSSRFEnvVariables = ["MY_TOKEN", "KMS_TOKEN"]\n',
     )
     result = await kmsagent_get("ünï/a+b c", "--config", config, env={**ENV, "MY_TOKEN": "mine"})
     assert (result.returncode, result.stdout) == (0, b"via socket"), result.stderr
@@ -252,7 +260,9 @@ async def test_the_unix_socket_of_the_config_is_used(nursery: trio.Nursery, shor
     assert "Host: localhost" in headers and "X-Mine: mine" in headers
 
 
-async def test_socket_on_the_command_line_wins_over_the_port(nursery: trio.Nursery, short_dir: Path, tmp_path: Path) -> None:
+async def test_socket_on_the_command_line_wins_over_the_port(
+    nursery: trio.Nursery, short_dir: Path, tmp_path: Path
+) -> None:
     path = short_dir / "a.sock"
     await fake_on_unix(nursery, FakeAgent(200, b'{"SecretData": "s", "SecretDataType": "text"}'), path)
     config = server_config(tmp_path, "[Server]\nHttpPort = 1024\n")
@@ -260,7 +270,9 @@ async def test_socket_on_the_command_line_wins_over_the_port(nursery: trio.Nurse
     assert (result.returncode, result.stdout) == (0, b"s")
 
 
-async def test_a_configured_socket_that_is_gone_exits_1_without_trying_tcp(agent_of_type: AgentOfType, short_dir: Path, tmp_path: Path) -> None:
+async def test_a_configured_socket_that_is_gone_exits_1_without_trying_tcp(
+    agent_of_type: AgentOfType, short_dir: Path, tmp_path: Path
+) -> None:
     agent, _ = await agent_of_type(0)  # a live agent on HttpPort: no fallback to it
     config = server_config(tmp_path, f'[Server]\nHttpPort = {agent.port}\nUnixSocket = "{short_dir / "gone.sock"}"\n')
     result = await kmsagent_get("text", "--config", config)
@@ -313,7 +325,9 @@ async def test_an_answer_may_come_later_than_the_connect_timeout(nursery: trio.N
 
 
 @pytest.mark.parametrize(("delay", "drip"), [(5.0, 0.0), (0.0, 0.05)])
-async def test_the_whole_exchange_is_bounded(nursery: trio.Nursery, short_bounds: None, delay: float, drip: float) -> None:
+async def test_the_whole_exchange_is_bounded(
+    nursery: trio.Nursery, short_bounds: None, delay: float, drip: float
+) -> None:
     port = await fake_on_tcp(nursery, SlowAgent(delay, drip))  # never answers in time, or drip-feeds
     started = trio.current_time()
     outcome = await fetch_in_thread(port)
@@ -378,7 +392,10 @@ async def test_a_bad_token_file_exits_2_without_blocking(tmp_path: Path, kind: s
     assert result.returncode == 2 and str(path) in one_line(result)
 
 
-@pytest.mark.parametrize("args", [[], ["x", "--port", "0"], ["x", "--port", "1", "--socket", "/s"], ["x", "--json-key", "k", "--raw-response"]])
+@pytest.mark.parametrize(
+    "args",
+    [[], ["x", "--port", "0"], ["x", "--port", "1", "--socket", "/s"], ["x", "--json-key", "k", "--raw-response"]],
+)
 async def test_bad_usage_exits_2(args: list[str]) -> None:
     result = await kmsagent_get(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr.decode()
@@ -393,11 +410,14 @@ async def test_it_imports_none_of_the_agents_heavy_modules() -> None:
     """A health check runs it every few seconds: the agent's imports cost seconds and 50 MB."""
     probe = (
         "import sys; from kmsagent.__main__ import main; sys.argv = ['kmsagent', 'get', 'x', '--port', '1']; "
-        "code = main(); heavy = {'trio', 'httpx', 'hypercorn', 'quart', 'quart_trio', 'loguru', 'alibabacloud_tea_openapi'}; "
+        "code = main(); "
+        "heavy = {'trio', 'httpx', 'hypercorn', 'quart', 'quart_trio', 'loguru', 'alibabacloud_tea_openapi'}; "
         "print(code, sorted(name for name in sys.modules if name.split('.')[0] in heavy))"
     )
     with trio.fail_after(30):
-        result = await trio.run_process([sys.executable, "-c", probe], env=ENV, capture_stdout=True, capture_stderr=True)
+        result = await trio.run_process(
+            [sys.executable, "-c", probe], env=ENV, capture_stdout=True, capture_stderr=True
+        )
     assert result.stdout.decode().strip() == "1 []"
 
 

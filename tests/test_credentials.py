@@ -64,7 +64,10 @@ async def read_for(agent_get: Callable[[], object], seconds: float, every: float
 
 
 async def test_renewals_come_before_expiry_and_reads_never_fail(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
     statuses = await read_for(lambda: agent.get(SECRET_PATH), seconds=60, every=0.5)
@@ -78,7 +81,10 @@ async def test_renewals_come_before_expiry_and_reads_never_fail(
 
 
 async def test_a_metadata_outage_keeps_old_credentials_until_expiry_then_502_then_recovers(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
     assert (await agent.get(SECRET_PATH)).status_code == 200
@@ -98,7 +104,10 @@ async def test_a_metadata_outage_keeps_old_credentials_until_expiry_then_502_the
 
 
 async def test_a_502_before_credentials_names_the_metadata_service(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata.outage = True
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock))
@@ -110,7 +119,11 @@ async def test_a_502_before_credentials_names_the_metadata_service(
 
 @pytest.mark.parametrize("require_token", [True, False])
 async def test_hardened_mode_sends_the_token_on_every_get(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, require_token: bool
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    require_token: bool,
 ) -> None:
     metadata.require_token = require_token
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock, disable_imdsv1=True))
@@ -120,7 +133,10 @@ async def test_hardened_mode_sends_the_token_on_every_get(
 
 
 async def test_without_the_token_api_imdsv1_is_the_fallback_unless_disabled(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata.token_api = False
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock))
@@ -131,7 +147,11 @@ async def test_without_the_token_api_imdsv1_is_the_fallback_unless_disabled(
 
 
 async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succeeds(
-    start_agent: StartAgent, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
 ) -> None:
     metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
     await nursery.start(metadata.serve)
@@ -139,7 +159,9 @@ async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succe
     assert (await agent.get(SECRET_PATH)).status_code == 200
     first = metadata.issued[-1]
     # KMS now says the security token expired, although its Expiration is an hour away.
-    emulator.add_credentials(first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1)
+    emulator.add_credentials(
+        first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1
+    )
     calls_before = emulator.call_count("api-key")
     response = await agent.get(SECRET_PATH)
     assert response.status_code == 200
@@ -150,7 +172,11 @@ async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succe
 
 @pytest.mark.parametrize("breakage", ["malformed", "failure_code", "wrong_role"])
 async def test_bad_metadata_answers_are_errors(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, breakage: str
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    breakage: str,
 ) -> None:
     role = "NotTheRole" if breakage == "wrong_role" else ""
     metadata.malformed = breakage == "malformed"
@@ -161,7 +187,11 @@ async def test_bad_metadata_answers_are_errors(
 
 
 async def test_no_credential_value_reaches_a_log_line_at_debug(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, captured_logs: list[str]
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    captured_logs: list[str],
 ) -> None:
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
     await read_for(lambda: agent.get(SECRET_PATH), seconds=12, every=1)  # a renewal at ~5 s
@@ -184,7 +214,11 @@ TOKEN_EXPIRED = Fault(status=400, code="InvalidSecurityToken.Expired", message="
 
 
 async def test_kms_rejecting_every_call_renews_at_most_once_per_5_seconds(
-    start_agent: StartAgent, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
 ) -> None:
     """It made 286 metadata fetches for 300 reads (150 here); the lifetime is long: no renewal is due."""
     metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
@@ -204,7 +238,10 @@ async def test_kms_rejecting_every_call_renews_at_most_once_per_5_seconds(
 
 
 async def test_concurrent_rejections_share_one_renewal_and_later_ones_wait_5_seconds(
-    nursery: trio.Nursery, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     source = ecs_role(metadata, wall_clock, renew_before_seconds=5)
     metadata.lifetime = 3600
@@ -281,7 +318,11 @@ class ExpirationFormMetadata(MetadataEmulator):
 
 @pytest.mark.parametrize("form", EXPIRATION_FORMS, ids=list(EXPIRATION_FORMS))
 async def test_the_renewal_schedule_follows_every_expiration_form(
-    nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, form: str
+    nursery: trio.Nursery,
+    emulator: KmsEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    form: str,
 ) -> None:
     metadata = ExpirationFormMetadata(emulator, lifetime=3600, clock=wall_clock, form=EXPIRATION_FORMS[form])
     await nursery.start(metadata.serve)
@@ -310,7 +351,9 @@ class FakeOidcProvider:
 
         if self.fail:
             raise RuntimeError(f"error retrieving credentials result: {{'AccessKeySecret': '{AK_SECRET}'}}")
-        return SdkCredentials(access_key_id="STS.oidc", access_key_secret=AK_SECRET, security_token="tok", expiration=2_000_000_000)
+        return SdkCredentials(
+            access_key_id="STS.oidc", access_key_secret=AK_SECRET, security_token="tok", expiration=2_000_000_000
+        )
 
 
 async def test_the_oidc_wrapper_converts_and_never_quotes_errors() -> None:
@@ -377,7 +420,9 @@ class TestDedicatedGateway:
         gateway = KmsEmulator()
         gateway.add_credentials(AK_ID, AK_SECRET)
         gateway.put_secret("gw-secret", "value-of-gw-secret-Tz6")
-        port = await nursery.start(lambda task_status: gateway.serve(ssl_context=server_context, task_status=task_status))
+        port = await nursery.start(
+            lambda task_status: gateway.serve(ssl_context=server_context, task_status=task_status)
+        )
         kms = {"endpoint": f"127.0.0.1:{port}", "protocol": "https", "max_retries": 0}
         trusted = await start_agent(kms={**kms, "ca_file_path": str(ca_path)})
         response = await trusted.get("/v1/gw-secret")

@@ -70,7 +70,9 @@ class TestStsAnswers:
         good = StaticCredentials(Credentials(SOURCE_KEY, SOURCE_SECRET, SOURCE_TOKEN), "source")
         endpoint = StsEndpoint(str(sts.endpoint), "http")
         role = sts.add_role("reader", secrets=["api-key"])
-        session = AssumeRoleSession(good, RoleRequest(role, duration_seconds=900), endpoint, renew_before=900, clock=clock)
+        session = AssumeRoleSession(
+            good, RoleRequest(role, duration_seconds=900), endpoint, renew_before=900, clock=clock
+        )
         agent = await start_agent(credentials=session, cache={"ttl_seconds": 0})
         sweep = Sweep()
         statuses = set()
@@ -112,12 +114,21 @@ async def test_files_and_uris_leave_no_key_secret_or_token(
     sweep = Sweep()
     # A CLI profile file that breaks with its secret on the bad line, then is fixed.
     path = tmp_path / "config.json"
-    good = {"current": "p", "profiles": [{"name": "p", "mode": "AK", "access_key_id": AK_ID, "access_key_secret": AK_SECRET}]}
+    good = {
+        "current": "p",
+        "profiles": [{"name": "p", "mode": "AK", "access_key_id": AK_ID, "access_key_secret": AK_SECRET}],
+    }
     path.write_text(json.dumps(good))
     source = await credential_source(CredentialsConfig(type="cli_profile", cli_config_path=str(path)), {})
     agent = await start_agent(credentials=source)
     assert await sweep.read(agent, "/v1/api-key") == 200
-    path.write_text('{"current": "p", "profiles": [{"name": "p", "mode": "AK", "access_key_id": "' + AK_ID + '",\n"access_key_secret": "' + AK_SECRET + '" oops}]}')
+    path.write_text(
+        '{"current": "p", "profiles": [{"name": "p", "mode": "AK", "access_key_id": "'
+        + AK_ID
+        + '",\n"access_key_secret": "'
+        + AK_SECRET
+        + '" oops}]}'
+    )
     os.utime(path, ns=(0, time.time_ns() + 10**9))
     await eventually(lambda: any("not valid JSON" in line for line in captured_logs), seconds=5)
     assert await sweep.read(agent, "/v1/db/password") == 200  # the last good credentials

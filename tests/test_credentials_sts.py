@@ -159,7 +159,12 @@ async def test_a_session_reads_what_its_role_may_read_and_nothing_else(
     denied = await agent.get("/secretsmanager/get?secretId=db/password")
     assert (denied.status_code, denied.json()["Code"]) == (403, "Forbidden.NoPermission")
     [call] = sts.calls
-    assert (call.access_key_id, call.role_arn, call.session_name, call.duration_seconds) == (AK_ID, arn, "kmsagent", "3600")
+    assert (call.access_key_id, call.role_arn, call.session_name, call.duration_seconds) == (
+        AK_ID,
+        arn,
+        "kmsagent",
+        "3600",
+    )
 
 
 async def test_a_900_s_session_renews_every_600_s_not_in_a_loop(
@@ -223,7 +228,12 @@ async def test_sts_down_keeps_the_session_until_expiry_then_502_then_recovers(
     [("untrusted", "NoPermission"), ("no such role", "EntityNotExist.Role"), ("wrong external id", "NoPermission")],
 )
 async def test_an_sts_refusal_is_a_403_with_stss_code(
-    start_agent: StartAgent, sts: StsEmulator, wall_clock: Callable[[], float], captured_logs: list[str], setup: str, code: str,
+    start_agent: StartAgent,
+    sts: StsEmulator,
+    wall_clock: Callable[[], float],
+    captured_logs: list[str],
+    setup: str,
+    code: str,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     arn = f"acs:ram::{sts.account_id}:role/missing"
@@ -294,7 +304,9 @@ async def test_kms_rejecting_the_session_token_assumes_the_role_again(
     agent = await start_agent(credentials=session(sts, arn, wall_clock), cache={"ttl_seconds": 0})
     assert (await agent.get(SECRET_PATH)).status_code == 200
     first = sts.issued[0]
-    emulator.add_credentials(first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1)
+    emulator.add_credentials(
+        first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1
+    )
     assert (await agent.get(SECRET_PATH)).status_code == 200
     assert len(sts.issued) == 2 and emulator.calls[-1].access_key_id == sts.issued[1].access_key_id
 
@@ -311,7 +323,9 @@ async def test_sessions_of_two_roles_share_one_running_source(
     await nursery.start(own.run)
     endpoint = StsEndpoint(str(sts.endpoint), "http")
     roles = [
-        AssumeRoleSession(own, RoleRequest(sts.add_role(name)), endpoint, renew_before=900, clock=wall_clock, owns_source=False)
+        AssumeRoleSession(
+            own, RoleRequest(sts.add_role(name)), endpoint, renew_before=900, clock=wall_clock, owns_source=False
+        )
         for name in ("a", "b")
     ]
     for role in roles:
@@ -325,7 +339,11 @@ async def test_sessions_of_two_roles_share_one_running_source(
 
 
 async def test_ram_role_arn_signs_with_its_source_type(
-    start_agent: StartAgent, emulator: KmsEmulator, sts: StsEmulator, nursery: trio.Nursery, wall_clock: Callable[[], float],
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    sts: StsEmulator,
+    nursery: trio.Nursery,
+    wall_clock: Callable[[], float],
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
@@ -346,7 +364,11 @@ async def test_ram_role_arn_signs_with_its_source_type(
     agent = await start_agent(credentials=source)
     assert (await agent.get(SECRET_PATH)).status_code == 200
     [call] = sts.calls
-    assert (call.access_key_id, call.session_name, call.duration_seconds) == (metadata.issued[0].access_key_id, "agent-1", "1200")
+    assert (call.access_key_id, call.session_name, call.duration_seconds) == (
+        metadata.issued[0].access_key_id,
+        "agent-1",
+        "1200",
+    )
     assert emulator.calls[-1].access_key_id == sts.issued[0].access_key_id
 
 
@@ -363,7 +385,9 @@ def test_the_sts_endpoint(endpoint: str, env: dict[str, str], expected: str) -> 
     assert StsEndpoint.of(endpoint, "https", region="cn-shanghai", env=env) == StsEndpoint(expected, "https")
     # A CLI profile's own sts_region wins over everything.
     assert StsEndpoint.of(endpoint, "https", region="cn-shanghai", env=env, profile_region="eu-central-1").host == (
-        "sts-vpc.eu-central-1.aliyuncs.com" if env.get("ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED") else "sts.eu-central-1.aliyuncs.com"
+        "sts-vpc.eu-central-1.aliyuncs.com"
+        if env.get("ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED")
+        else "sts.eu-central-1.aliyuncs.com"
     )
 
 

@@ -63,7 +63,10 @@ async def test_uri_credentials_renew_a_third_of_their_lifetime_before_expiry(
 
 
 async def test_a_uri_outage_keeps_the_credentials_until_expiry_then_502_then_recovers(
-    start_agent: StartAgent, uri: CredentialsUriEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    uri: CredentialsUriEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = await start_agent(credentials=source(uri, wall_clock), cache={"ttl_seconds": 0})
     assert (await agent.get(SECRET_PATH)).status_code == 200
@@ -90,7 +93,9 @@ async def test_bad_uri_answers_are_502(
     autojump_clock: trio.testing.MockClock,
     breakage: str,
 ) -> None:
-    service = CredentialsUriEmulator(emulator, clock=wall_clock, path="/elsewhere" if breakage == "not_found" else "/credentials")
+    service = CredentialsUriEmulator(
+        emulator, clock=wall_clock, path="/elsewhere" if breakage == "not_found" else "/credentials"
+    )
     service.malformed = breakage == "malformed"
     service.failure_code = "Failed" if breakage == "failure_code" else None
     await nursery.start(service.serve)
@@ -104,7 +109,13 @@ async def test_bad_uri_answers_are_502(
 
 @pytest.mark.parametrize(
     "given",
-    ["http://10.0.0.5/credentials", "http://credentials.internal/c", "ftp://127.0.0.1/c", "https://user:pw@host/c", "not a url"],
+    [
+        "http://10.0.0.5/credentials",
+        "http://credentials.internal/c",
+        "ftp://127.0.0.1/c",
+        "https://user:pw@host/c",
+        "not a url",
+    ],
 )
 async def test_an_environment_uri_must_be_https_or_local_http(given: str) -> None:
     config = CredentialsConfig(type="credentials_uri")
@@ -118,7 +129,9 @@ async def test_the_uri_is_logged_without_its_query(
 ) -> None:
     with_token = f"{uri.uri}?token=uri-query-token-Qw3"
     from_config = await credential_source(CredentialsConfig(type="credentials_uri", credentials_uri=with_token), {})
-    from_env = await credential_source(CredentialsConfig(type="credentials_uri"), {"ALIBABA_CLOUD_CREDENTIALS_URI": with_token})
+    from_env = await credential_source(
+        CredentialsConfig(type="credentials_uri"), {"ALIBABA_CLOUD_CREDENTIALS_URI": with_token}
+    )
     for credentials in (from_config, from_env):
         assert credentials.kind == f"credentials_uri ({uri.uri})"
     with pytest.raises(CredentialsUnavailable, match="needs CredentialsUri or ALIBABA_CLOUD_CREDENTIALS_URI"):

@@ -657,7 +657,10 @@ async def test_sts_checks_like_the_gateway(sts: StsEmulator, clock: Clock) -> No
     assert sts_code(await call_sts(sts, tampered)) == (400, "SignatureDoesNotMatch")
     assert sts_code(await call_sts(sts, assume_role(role, method="GET", **ok))) == (400, "SignatureDoesNotMatch")
     assert sts_code(await call_sts(sts, assume_role(role, sk="wrong", **ok))) == (400, "SignatureDoesNotMatch")
-    assert sts_code(await call_sts(sts, assume_role(role, ak="LTAInobody", **ok))) == (404, "InvalidAccessKeyId.NotFound")
+    assert sts_code(await call_sts(sts, assume_role(role, ak="LTAInobody", **ok))) == (
+        404,
+        "InvalidAccessKeyId.NotFound",
+    )
     stale = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)
     assert sts_code(await call_sts(sts, assume_role(role, timestamp=stale, **ok))) == (400, "InvalidTimeStamp.Expired")
     assert sts_code(await call_sts(sts, assume_role(role, ak=STS_AK, sk=STS_SK, **ok))) == (
@@ -673,15 +676,23 @@ async def test_sts_checks_like_the_gateway(sts: StsEmulator, clock: Clock) -> No
         400,
         "InvalidParameter.RoleSessionName",
     )
-    assert sts_code(await call_sts(sts, assume_role(role, Policy="{not json", **ok))) == (400, "InvalidParameter.PolicyGrammar")
+    assert sts_code(await call_sts(sts, assume_role(role, Policy="{not json", **ok))) == (
+        400,
+        "InvalidParameter.PolicyGrammar",
+    )
     assert sts_code(await call_sts(sts, assume_role(role + "x", **ok))) == (404, "EntityNotExist.Role")
     assert sts_code(await call_sts(sts, assume_role(role))) == (403, "NoPermission")  # no ExternalId
     emulator_key = "LTAIuntrusted"
     sts.kms.add_credentials(emulator_key, "untrusted-secret")
-    assert sts_code(await call_sts(sts, assume_role(role, ak=emulator_key, sk="untrusted-secret", **ok))) == (403, "NoPermission")
+    assert sts_code(await call_sts(sts, assume_role(role, ak=emulator_key, sk="untrusted-secret", **ok))) == (
+        403,
+        "NoPermission",
+    )
     sts.kms.add_credentials("STS.expired", "expired-sk", "expired-token", expires_at=clock() - 1)
     sts.roles[role.lower()].trusted = None
-    assert sts_code(await call_sts(sts, assume_role(role, ak="STS.expired", sk="expired-sk", token="expired-token", **ok))) == (
+    assert sts_code(
+        await call_sts(sts, assume_role(role, ak="STS.expired", sk="expired-sk", token="expired-token", **ok))
+    ) == (
         400,
         "InvalidSecurityToken.Expired",
     )

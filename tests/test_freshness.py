@@ -197,7 +197,9 @@ async def test_kms_faults_serve_stale_within_max_stale_then_stop(
     seen: list[tuple[float, int, str]] = []
     while trio.current_time() - loaded_at < 40:
         response = await agent.get(SECRET_PATH)
-        seen.append((trio.current_time() - loaded_at, response.status_code, response.headers.get("x-kms-agent-cache", "")))
+        seen.append(
+            (trio.current_time() - loaded_at, response.status_code, response.headers.get("x-kms-agent-cache", ""))
+        )
         await trio.sleep(1)
     assert all(code == 200 for at, code, _ in seen if at < 30)
     assert any(cache == "stale" for at, _, cache in seen if 11 < at < 29)

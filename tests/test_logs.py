@@ -307,7 +307,9 @@ def test_a_reload_to_a_new_path_and_format_moves_every_line_in_order(sinks: Conf
     second = sinks(path=str(tmp_path / "other"), format="text", level="debug")
     logger.debug("second")
     close_logging()
-    assert [json.loads(line)["message"] for line in physical_lines(first / LOG_FILE)] == [f"first {i}" for i in range(2000)]
+    assert [json.loads(line)["message"] for line in physical_lines(first / LOG_FILE)] == [
+        f"first {i}" for i in range(2000)
+    ]
     assert [line.split(" ", 2)[2].strip() for line in physical_lines(second / LOG_FILE)] == ["second"]
     stderr = physical_lines(tmp_path / "stderr.txt")
     assert len(stderr) == 2001 and stderr[-1].endswith("DEBUG   second")

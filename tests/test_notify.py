@@ -120,9 +120,18 @@ def test_without_notify_socket_nothing_is_sent_and_no_watchdog() -> None:
 
 @pytest.mark.parametrize(
     ("usec", "pid", "interval"),
-    [("200000", None, 0.1), ("200000", "mine", 0.1), ("200000", "other", None), ("0", None, None), ("x", None, None), ("", None, None)],
+    [
+        ("200000", None, 0.1),
+        ("200000", "mine", 0.1),
+        ("200000", "other", None),
+        ("0", None, None),
+        ("x", None, None),
+        ("", None, None),
+    ],
 )
-def test_watchdog_interval(listener: tuple[socket.socket, str], usec: str, pid: str | None, interval: float | None) -> None:
+def test_watchdog_interval(
+    listener: tuple[socket.socket, str], usec: str, pid: str | None, interval: float | None
+) -> None:
     env = {"NOTIFY_SOCKET": listener[1], "WATCHDOG_USEC": usec}
     if pid is not None:
         env["WATCHDOG_PID"] = str(os.getpid() if pid == "mine" else os.getpid() + 1)
@@ -146,7 +155,9 @@ async def test_reloads_brackets_each_signal_with_reloading_and_ready(listener: t
     assert drain(sock) == [READY]
 
 
-async def test_the_watchdog_pings_from_the_loop_and_stops_when_the_loop_is_stuck(listener: tuple[socket.socket, str]) -> None:
+async def test_the_watchdog_pings_from_the_loop_and_stops_when_the_loop_is_stuck(
+    listener: tuple[socket.socket, str],
+) -> None:
     sock, path = listener
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "40000"})  # a ping every 20 ms
     async with trio.open_nursery() as nursery:

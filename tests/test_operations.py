@@ -48,7 +48,16 @@ async def test_aws_shape_reads_like_the_aws_agent(start_agent: StartAgent, emula
 async def test_vault_shape_reads_like_hvac(start_agent: StartAgent) -> None:
     agent = await start_agent(server={"response_type": 2}, cache={"ttl_seconds": 120})
     body = (await agent.get("/v1/app/config")).json()
-    assert set(body) == {"request_id", "lease_id", "renewable", "lease_duration", "data", "wrap_info", "warnings", "auth"}
+    assert set(body) == {
+        "request_id",
+        "lease_id",
+        "renewable",
+        "lease_duration",
+        "data",
+        "wrap_info",
+        "warnings",
+        "auth",
+    }
     assert (body["lease_id"], body["renewable"], body["lease_duration"]) == ("", False, 120)
     assert (body["wrap_info"], body["warnings"], body["auth"]) == (None, None, None)
     # hvac's read_secret returns this dict: callers take response["data"]["pass"].

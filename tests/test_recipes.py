@@ -132,7 +132,9 @@ class Emulator:
 
 
 def start_emulator(args: list[str], folder: Path, cwd: Path = ROOT) -> Emulator:
-    process = start(args, env=BASE_ENV, cwd=cwd, stderr=folder / "emulator.stderr", marker="export ALIBABA_CLOUD_ACCESS_KEY_ID=")
+    process = start(
+        args, env=BASE_ENV, cwd=cwd, stderr=folder / "emulator.stderr", marker="export ALIBABA_CLOUD_ACCESS_KEY_ID="
+    )
     export_line = next(line for line in process.lines if line.startswith("export "))
     return Emulator(listening_port(process.lines), exported(export_line), process)
 
@@ -199,7 +201,9 @@ def server_table(config_recipe: str, port_line: str | None = None) -> str:
 
 kms_agent = agent_fixture("kms_agent", "[Server]\nHttpPort = 0\n")
 vault_agent = agent_fixture("vault_agent", server_table(recipe("hvac-config")))
-aws_agent = agent_fixture("aws_agent", server_table(recipe("aws-config"), "HttpPort = 2773"), token_variable="AWS_TOKEN")
+aws_agent = agent_fixture(
+    "aws_agent", server_table(recipe("aws-config"), "HttpPort = 2773"), token_variable="AWS_TOKEN"
+)
 
 
 def run(args: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout: float = 30) -> str:
@@ -245,7 +249,11 @@ def test_try_it_for_real_locally_runs_as_the_readme_shows(tmp_path: Path) -> Non
             marker="listening on http://127.0.0.1:",
             start_new_session=True,
         )
-        lines = agent.lines if any(line.startswith("dir=") for line in agent.lines) else agent.lines + read_until(agent.popen, "dir=")
+        lines = (
+            agent.lines
+            if any(line.startswith("dir=") for line in agent.lines)
+            else agent.lines + read_until(agent.popen, "dir=")
+        )
         folder = Path(next(line for line in lines if line.startswith("dir="))[4:])
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert stat.S_IMODE((folder / "token").stat().st_mode) == 0o600
@@ -363,7 +371,10 @@ def test_aws_style_recipe_reads_any_legal_name(aws_agent: Agent, tmp_path: Path)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_emulator_stops_on_a_signal_with_exit_0_and_no_traceback(tmp_path: Path, signum: int) -> None:
     emulator = start_emulator([sys.executable, "-m", "kmsagent.emulator"], tmp_path)
-    assert re.fullmatch(r"export ALIBABA_CLOUD_ACCESS_KEY_ID=LTAIdev[0-9a-f]{16} ALIBABA_CLOUD_ACCESS_KEY_SECRET=[\w-]{32}", emulator.process.lines[2])
+    assert re.fullmatch(
+        r"export ALIBABA_CLOUD_ACCESS_KEY_ID=LTAIdev[0-9a-f]{16} ALIBABA_CLOUD_ACCESS_KEY_SECRET=[\w-]{32}",
+        emulator.process.lines[2],
+    )
     assert "demo/db-password" in emulator.process.lines[3]  # conf/dev-secrets.toml by default
     assert emulator.process.stop(signum) == 0
     assert (tmp_path / "emulator.stderr").read_text() == ""
@@ -378,7 +389,9 @@ def test_emulator_stops_on_a_signal_with_exit_0_and_no_traceback(tmp_path: Path,
         (["--secrets", str(ROOT / "README.md")], "README.md"),
     ],
 )
-def test_emulator_usage_errors_exit_2_with_one_line(args: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_emulator_usage_errors_exit_2_with_one_line(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     status, stderr = run_emulator_main(args, capsys)
     assert status == 2
     assert len(stderr.strip().splitlines()) == 1 and named in stderr
