@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import re
 import ssl
@@ -67,6 +66,7 @@ from typing import Any
 import trio
 from alibabacloud_tea_openapi.utils import Utils
 
+from kmsagent.emulator.gateway import TIME_FORMAT, Nonces, check_security_token, check_timestamp, same
 from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
 
 __all__ = [
@@ -88,8 +88,6 @@ GET_SECRET_VALUE = "GetSecretValue"
 BATCH_GET_SECRET_VALUE = "BatchGetSecretValue"
 #: BatchGetSecretValue's documented limit of names per call.
 BATCH_LIMIT = 20
-_WINDOW_SECONDS = 15 * 60  # both the clock-skew allowance and the nonce memory of the real gateway
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _JSON_TYPE = "application/json;charset=utf-8"
 _AUTHORIZATION = re.compile(
     rf"^{SIGNATURE_ALGORITHM} Credential=(?P<ak>[^,\s]+),"
@@ -286,7 +284,7 @@ class KmsEmulator:
         self._credentials: dict[str, _Credential] = {}
         self._secrets: dict[str, _Secret] = {}
         self._faults: list[_ActiveFault] = []
-        self._nonces: dict[str, float] = {}  # insertion order == time order, so pruning is cheap
+        self._nonces = Nonces()
 
     # --- credentials -----------------------------------------------------------------------
 
@@ -574,20 +572,13 @@ class KmsEmulator:
             raise _kms_error("IncompleteSignature")
         _check_signed_headers(headers, auth.signed_headers)
         payload_hash = _check_content_sha256(headers, request.body)
-        self._check_date(headers)
+        check_timestamp(headers.get("x-acs-date", ""), self._clock(), _kms_error)
         credential = self._credential_for(auth, headers)
         _check_signature(request, auth, payload_hash, credential.secret)
-        self._check_security_token(headers, credential)
-        self._check_nonce(headers)
+        sent_token = headers.get("x-acs-security-token")
+        check_security_token(sent_token, credential.security_token, credential.expires_at, self._clock(), _kms_error)
+        self._nonces.check(headers.get("x-acs-signature-nonce", ""), self._clock(), _kms_error)
         return credential
-
-    def _check_date(self, headers: dict[str, str]) -> None:
-        try:
-            sent = datetime.strptime(headers.get("x-acs-date", ""), _TIME_FORMAT).replace(tzinfo=UTC)
-        except ValueError:
-            raise _kms_error("InvalidTimeStamp.Format") from None
-        if abs(sent.timestamp() - self._clock()) > _WINDOW_SECONDS:
-            raise _kms_error("InvalidTimeStamp.Expired")
 
     def _credential_for(self, auth: _Authorization, headers: dict[str, str]) -> _Credential:
         credential = self._credentials.get(auth.access_key_id)
@@ -596,30 +587,6 @@ class KmsEmulator:
         if headers.get("x-acs-accesskey-id", auth.access_key_id) != auth.access_key_id:
             raise _kms_error("IncompleteSignature", "x-acs-accesskey-id does not match Credential.")
         return credential
-
-    def _check_security_token(self, headers: dict[str, str], credential: _Credential) -> None:
-        sent = headers.get("x-acs-security-token")
-        if credential.security_token is None:
-            if sent is not None:
-                raise _kms_error("InvalidSecurityToken.Malformed")
-        elif sent is None or not _same(sent, credential.security_token):
-            raise _kms_error("InvalidSecurityToken.MismatchWithAccessKey")
-        if credential.expires_at is not None and self._clock() >= credential.expires_at:
-            raise _kms_error("InvalidSecurityToken.Expired")
-
-    def _check_nonce(self, headers: dict[str, str]) -> None:
-        nonce = headers.get("x-acs-signature-nonce")
-        if not nonce:
-            raise _kms_error("MissingSignatureNonce")
-        now = self._clock()
-        while self._nonces:
-            oldest, seen_at = next(iter(self._nonces.items()))
-            if seen_at > now - _WINDOW_SECONDS:
-                break
-            del self._nonces[oldest]
-        if nonce in self._nonces:
-            raise _kms_error("SignatureNonceUsed")
-        self._nonces[nonce] = now
 
     # --- GetSecretValue --------------------------------------------------------------------
 
@@ -741,7 +708,7 @@ def _check_signed_headers(headers: dict[str, str], signed: list[str]) -> None:
 def _check_content_sha256(headers: dict[str, str], body: bytes) -> str:
     """The payload hash that was signed, once it is known to match the body."""
     expected = hashlib.sha256(body).hexdigest()
-    if not _same(headers.get("x-acs-content-sha256", ""), expected):
+    if not same(headers.get("x-acs-content-sha256", ""), expected):
         raise _kms_error("SignatureDoesNotMatch", "x-acs-content-sha256 does not match the body.")
     return expected
 
@@ -759,7 +726,7 @@ def _check_signature(
     expected = Utils.get_authorization(
         signing_input, SIGNATURE_ALGORITHM, payload_hash, auth.access_key_id, secret
     ).rpartition("Signature=")[2]
-    if not _same(expected, auth.signature):
+    if not same(expected, auth.signature):
         raise _kms_error("SignatureDoesNotMatch")
 
 
@@ -782,11 +749,6 @@ def _kms_error(code: str, message: str | None = None) -> _KmsError:
     return _KmsError(status, code, message or default_message)
 
 
-def _same(received: str, expected: str) -> bool:
-    """Constant-time equality, so probing a signature or token leaks nothing through timing."""
-    return hmac.compare_digest(received.encode(), expected.encode())
-
-
 def _json_response(status: int, body: bytes, request_id: str) -> HttpResponse:
     headers = [("content-type", _JSON_TYPE), ("x-acs-request-id", request_id)]
     return HttpResponse(status, headers, body)
@@ -797,4 +759,4 @@ def _request_id() -> str:
 
 
 def _format_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=UTC).strftime(_TIME_FORMAT)
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime(TIME_FORMAT)
