@@ -19,7 +19,7 @@ from loguru import logger
 from kmsagent.agent import run_agent
 from kmsagent.config import CacheConfig, Config, KmsConfig, ServerConfig
 from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials
-from kmsagent.emulator import KmsEmulator
+from kmsagent.emulator import KmsEmulator, StsEmulator
 from kmsagent.token import TokenSource
 
 AK_ID = "LTAItestAccessKeyId01"
@@ -89,6 +89,14 @@ async def emulator(nursery: trio.Nursery, wall_clock: Callable[[], float]) -> Km
     return kms
 
 
+@pytest.fixture
+async def sts(nursery: trio.Nursery, emulator: KmsEmulator) -> StsEmulator:
+    """The STS emulator on loopback, for the KMS emulator's account and on its clock."""
+    service = StsEmulator(emulator)
+    await nursery.start(service.serve)
+    return service
+
+
 def agent_config(endpoint: str, **sections: Any) -> Config:
     """A config for tests: any free port, the emulator as KMS, quick retries, and overrides.
 
@@ -117,6 +125,19 @@ class RunningAgent:
 
 
 StartAgent = Callable[..., Awaitable[RunningAgent]]
+
+
+async def read_for(
+    agent_get: Callable[[], Awaitable[httpx.Response]], seconds: float, every: float
+) -> list[tuple[float, int]]:
+    """(time since the start, status) of a read every `every` seconds for `seconds` (on trio's clock)."""
+    statuses = []
+    started = trio.current_time()
+    while trio.current_time() - started < seconds:
+        response = await agent_get()
+        statuses.append((trio.current_time() - started, response.status_code))
+        await trio.sleep(every)
+    return statuses
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent, eventually
+from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent, eventually, read_for
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import Credentials
 from kmsagent.credentials.base import parse_expiration
@@ -50,17 +50,6 @@ def ecs_role(metadata: MetadataEmulator, wall_clock: Callable[[], float], **conf
     settings: dict[str, object] = {"metadata_endpoint": metadata.endpoint, "renew_before_seconds": 15}
     settings.update(config)
     return EcsRamRoleCredentials(CredentialsConfig(**settings), clock=wall_clock)  # type: ignore[arg-type]
-
-
-async def read_for(agent_get: Callable[[], object], seconds: float, every: float) -> list[tuple[float, int]]:
-    """(virtual time, status) of a read every `every` seconds for `seconds`."""
-    statuses = []
-    started = trio.current_time()
-    while trio.current_time() - started < seconds:
-        response = await agent_get()  # type: ignore[misc]
-        statuses.append((trio.current_time() - started, response.status_code))
-        await trio.sleep(every)
-    return statuses
 
 
 async def test_renewals_come_before_expiry_and_reads_never_fail(

@@ -250,13 +250,6 @@ def test_ini_errors_name_file_line_and_kind_never_a_value(text: str, profile: st
 
 
 @pytest.fixture
-async def sts(nursery: trio.Nursery, emulator: KmsEmulator) -> StsEmulator:
-    service = StsEmulator(emulator)
-    await nursery.start(service.serve)
-    return service
-
-
-@pytest.fixture
 async def metadata(nursery: trio.Nursery, emulator: KmsEmulator) -> MetadataEmulator:
     service = MetadataEmulator(emulator)
     await nursery.start(service.serve)

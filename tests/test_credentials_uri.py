@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SECRETS, StartAgent
+from conftest import SECRETS, StartAgent, read_for
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.credentials.uri import UriCredentials
@@ -34,16 +34,6 @@ async def uri(nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable
 
 def source(uri: CredentialsUriEmulator, wall_clock: Callable[[], float], renew_before: float = 900) -> UriCredentials:
     return UriCredentials(str(uri.uri), renew_before=renew_before, clock=wall_clock)
-
-
-async def read_for(agent_get: Callable[[], object], seconds: float, every: float) -> list[tuple[float, int]]:
-    statuses = []
-    started = trio.current_time()
-    while trio.current_time() - started < seconds:
-        response = await agent_get()  # type: ignore[misc]
-        statuses.append((trio.current_time() - started, response.status_code))
-        await trio.sleep(every)
-    return statuses
 
 
 async def test_uri_credentials_renew_a_third_of_their_lifetime_before_expiry(

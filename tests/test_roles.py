@@ -44,13 +44,6 @@ async def wall_clock(autojump_clock: trio.testing.MockClock) -> Callable[[], flo
     return lambda: offset + trio.current_time()
 
 
-@pytest.fixture
-async def sts(nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float]) -> StsEmulator:
-    service = StsEmulator(emulator, clock=wall_clock)
-    await nursery.start(service.serve)
-    return service
-
-
 StartAgent = Callable[..., Any]
 
 
