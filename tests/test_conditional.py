@@ -17,12 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from conftest import SECRETS, TOKEN, RunningAgent, StartAgent
+from conftest import SECRETS, TOKEN, RunningAgent, StartAgent, eventually
 from kmsagent.cache import SecretCache
 from kmsagent.conditional import Conditions, entity_tag, read_conditions, wait_preference
 from kmsagent.emulator import KmsEmulator
@@ -461,12 +461,13 @@ async def test_sigterm_answers_held_requests_304_and_exits_0_within_5_s(tmp_path
             async def hold() -> None:
                 answers.append(await client.get(SECRET_PATH, headers=conditional(etag, 300)))
 
+            async def all_held() -> bool:
+                return await scrape_port(agent.port, "kmsagent_waiting_requests") >= 3
+
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(hold)
-                with trio.fail_after(10):
-                    while await scrape_port(agent.port, "kmsagent_waiting_requests") < 3:
-                        await trio.sleep(0.02)
+                await eventually(all_held, seconds=10)
                 agent.process.send_signal(signal.SIGTERM)
                 started = trio.current_time()
                 with trio.fail_after(5):
@@ -497,7 +498,7 @@ async def test_the_readme_follow_loop_sees_a_rotation(
         assert before in code
         code = code.replace(before, after)
     namespace: dict[str, object] = {}
-    exec(compile(code, "README.md follow recipe", "exec"), namespace)
+    exec(compile(code, "README.md follow recipe", "exec"), namespace)  # noqa: S102 - the README's recipe, as printed
     follow: Callable[..., None] = namespace["follow"]  # type: ignore[assignment]
     values: list[str] = []
     first_seen = trio.Event()

@@ -211,16 +211,18 @@ async def test_sigterm_ends_the_agent_within_5_s_while_a_client_pipelines_and_ne
     (SEND_TIMEOUT, 10 s); at shutdown it now ends with the other requests' grace (3 s)."""
     emulator.put_secret("big", "b" * 30_000)
     config = write_config(tmp_path, emulator.endpoint)
-    async with agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent:
-        async with await open_unread_stream(agent.port) as stream:
-            await stream.send_all(http_request("/secretsmanager/get?secretId=big") * 500)
-            with trio.fail_after(10):
-                assert (await stream.receive_some(1)) == b"H"  # answering has begun; nothing more is read
-            agent.process.send_signal(signal.SIGTERM)
-            started = trio.current_time()
-            with trio.fail_after(8):
-                assert await agent.process.wait() == 0
-            assert trio.current_time() - started < 5, "SPEC §1: exit within 5 s of SIGTERM"
+    async with (
+        agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent,
+        await open_unread_stream(agent.port) as stream,
+    ):
+        await stream.send_all(http_request("/secretsmanager/get?secretId=big") * 500)
+        with trio.fail_after(10):
+            assert (await stream.receive_some(1)) == b"H"  # answering has begun; nothing more is read
+        agent.process.send_signal(signal.SIGTERM)
+        started = trio.current_time()
+        with trio.fail_after(8):
+            assert await agent.process.wait() == 0
+        assert trio.current_time() - started < 5, "SPEC §1: exit within 5 s of SIGTERM"
 
 
 def _open_files(pid: int) -> tuple[int, int]:

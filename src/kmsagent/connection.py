@@ -357,7 +357,7 @@ class Connection:
                 if self._waiting or not (self.idle or self._protocol.receiving_body):
                     self._held += received  # behind the request in progress
                 else:
-                    await self._protocol.feed(received)
+                    await self._protocol.feed(bytes(received))  # bytes() of a bytes is the same object
         await self._protocol.handle(Closed())
 
     @property
@@ -367,7 +367,8 @@ class Connection:
 
     async def _receive_ahead(self) -> bytes | bytearray | None:
         """Reads at most HOLD_LIMIT ahead while a request is in progress; None once it ends."""
-        with trio.CancelScope() as self._wake:
+        with trio.CancelScope() as wake:
+            self._wake = wake
             try:
                 room = HOLD_LIMIT - len(self._held)
                 if room <= 0:

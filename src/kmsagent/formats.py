@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol
 
 from kmsagent.errors import AgentError
@@ -93,7 +93,7 @@ def epoch_seconds(create_time: object) -> str:
     try:
         moment = datetime.fromisoformat(create_time.strip().upper())
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return f"{moment.timestamp():.3f}"
     except (ValueError, OverflowError):
         return UNKNOWN_DATE

@@ -28,7 +28,7 @@ from kmsagent.credentials.base import Credentials
 from kmsagent.credentials.renewing import REJECTION_RENEW_INTERVAL, FetchError, RenewingCredentials
 from kmsagent.errors import AgentError, UpstreamUnavailable
 
-__all__ = ["EcsRamRoleCredentials", "MetadataError", "REJECTION_RENEW_INTERVAL", "probe"]
+__all__ = ["REJECTION_RENEW_INTERVAL", "EcsRamRoleCredentials", "MetadataError", "probe"]
 
 TOKEN_PATH = "/latest/api/token"
 ROLES_PATH = "/latest/meta-data/ram/security-credentials/"

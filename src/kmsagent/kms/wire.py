@@ -15,7 +15,7 @@ import secrets
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
@@ -75,14 +75,16 @@ def canonical_query(query: dict[str, str]) -> str:
     return "&".join(f"{key}={quote(value, safe='~')}" for key, value in sorted(query.items()))
 
 
-def signed_headers(host: str, action: str, query: dict[str, str], credentials: Credentials, now: float) -> dict[str, str]:
+def signed_headers(
+    host: str, action: str, query: dict[str, str], credentials: Credentials, now: float
+) -> dict[str, str]:
     """The headers the SDK sends, signed exactly as its `do_request` signs them."""
     headers = {
         "host": host,
         "x-acs-version": API_VERSION,
         "x-acs-action": action,
         "user-agent": f"kmsagent/{__version__}",
-        "x-acs-date": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "x-acs-date": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "x-acs-signature-nonce": secrets.token_hex(16),
         "accept": "application/json",
         "content-type": "application/x-www-form-urlencoded",
@@ -154,11 +156,15 @@ def parse_secret(body: bytes | bytearray) -> SecretValue:
 def _secret_fields(document: object) -> SecretValue | None:
     """GetSecretValue's fields of one answer (a batch's entry too), or None when it is not one."""
     try:
-        fields = GetSecretValueResponseBody().from_map(document).to_map()  # type: ignore[arg-type]
+        fields = GetSecretValueResponseBody().from_map(document).to_map()
     except (ValueError, TypeError, AttributeError, RecursionError):
         return None
     fields.pop("RequestId", None)
-    if not isinstance(fields.get("SecretName"), str) or not isinstance(fields.get("VersionId"), str) or "SecretData" not in fields:
+    if (
+        not isinstance(fields.get("SecretName"), str)
+        or not isinstance(fields.get("VersionId"), str)
+        or "SecretData" not in fields
+    ):
         return None
     return SecretValue(fields)
 
@@ -195,7 +201,9 @@ def parse_batch(body: bytes | bytearray, names: Sequence[str]) -> dict[str, Secr
 
 
 def _asked_as(answered: str, names: Sequence[str]) -> list[str]:
-    return [name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))]
+    return [
+        name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))
+    ]
 
 
 def parse_error(response: httpx.Response, body: bytes | bytearray) -> AgentError:
