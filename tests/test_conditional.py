@@ -593,8 +593,7 @@ async def test_the_app_inbox_keeps_order_and_its_bound() -> None:
     received: list[object] = []
 
     async def consume() -> None:
-        for _ in messages:
-            received.append(await inbox.receive())
+        received.extend([await inbox.receive() for _ in messages])
 
     async with trio.open_nursery() as nursery:
         await inbox.put(messages[0])  # type: ignore[arg-type]
