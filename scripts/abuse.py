@@ -34,6 +34,7 @@ would eat the machine's memory fails instead). Exit status 1 if any pattern fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import re
@@ -131,8 +132,10 @@ def read_line(process: subprocess.Popen[str], timeout: float, until: str = "") -
         selector.close()
 
 
-def limit_memory() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+def limit_memory(pid: int) -> None:
+    """Caps `pid`'s address space from outside: a preexec_fn could deadlock the fork (trio leaves
+    idle worker threads behind), and the agent allocates nothing large before it listens."""
+    resource.prlimit(pid, resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
 
 
 def start_emulator(latency: float) -> tuple[subprocess.Popen[str], int]:
@@ -203,8 +206,9 @@ Path = "{folder / 'logs'}"
         text=True,
         env=env,
         cwd=folder,
-        preexec_fn=limit_memory,
     )
+    with contextlib.suppress(ProcessLookupError):  # it exited already: read_line reports why
+        limit_memory(process.pid)
     watchdog = RssWatch(process)
     line = read_line(process, 30, "listening on http://127.0.0.1:")
     if line is None:
@@ -255,7 +259,7 @@ def status_kb(pid: int, field_name: str) -> int | None:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    found = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.M)
+    found = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
     return int(found.group(1)) if found else None
 
 
@@ -560,7 +564,7 @@ async def scrape(agent: Agent) -> bytes | None:
 def metric(body: bytes | None, pattern: bytes) -> float | None:
     if body is None:
         return None
-    return sum(float(n) for n in re.findall(rb"^" + pattern + rb" (\S+)", body, re.M))
+    return sum(float(n) for n in re.findall(rb"^" + pattern + rb" (\S+)", body, re.MULTILINE))
 
 
 async def kms_calls(agent: Agent) -> int:
@@ -656,7 +660,17 @@ def report(rows: list[Row], seconds: float) -> None:
         f"kmsagent abuse {time.strftime('%Y-%m-%d %H:%M')}: {seconds:g}s per run, 2 runs per pattern, "
         f"{WARM_UP:g}s warm-up, MaxConcurrentRequests {MAX_CONCURRENT}; RSS in MB"
     )
-    header = ("pattern", "RSS before", "peak run 1", "peak run 2", "RSS after", "KMS calls", "errors", "bound (+)", "result")
+    header = (
+        "pattern",
+        "RSS before",
+        "peak run 1",
+        "peak run 2",
+        "RSS after",
+        "KMS calls",
+        "errors",
+        "bound (+)",
+        "result",
+    )
     lines = [header]
     for row in rows:
         p = row.pattern
@@ -678,7 +692,7 @@ def report(rows: list[Row], seconds: float) -> None:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
     for row in rows:
         for note in dict.fromkeys(row.notes):
             print(f"  {row.pattern.name}: {note}")

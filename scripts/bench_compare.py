@@ -66,13 +66,15 @@ def wait_for(url: str, headers: dict[str, str], seconds: float = 20) -> None:
 def wrk(url: str, connections: int, seconds: int, token: str) -> Result:
     threads = 1 if connections < 100 else 2
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "2s", "--latency"]
-    output = subprocess.run([*command, "-H", f"X-KMS-Token: {token}", url], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(
+        [*command, "-H", f"X-KMS-Token: {token}", url], capture_output=True, text=True, check=True
+    ).stdout
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return Result(
         rps=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
-        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", output, re.M).group(1)),  # type: ignore[union-attr]
-        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", output, re.M).group(1)),  # type: ignore[union-attr]
+        p50_ms=_ms(re.search(r"^\s+50%\s+(\S+)", output, re.MULTILINE).group(1)),  # type: ignore[union-attr]
+        p99_ms=_ms(re.search(r"^\s+99%\s+(\S+)", output, re.MULTILINE).group(1)),  # type: ignore[union-attr]
         errors=(sum(int(n) for n in errors.groups()[:3]) if errors else 0) + (int(non_2xx.group(1)) if non_2xx else 0),
         timeouts=int(errors.group(4)) if errors else 0,
     )
@@ -173,11 +175,15 @@ NGINX = textwrap.dedent(
 
 def kms_calls(base: str, token: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=5).text
-    return sum(float(n) for n in re.findall(r'^kmsagent_kms_requests_total\{outcome="success"\} (\S+)', text, re.M))
+    return sum(
+        float(n) for n in re.findall(r'^kmsagent_kms_requests_total\{outcome="success"\} (\S+)', text, re.MULTILINE)
+    )
 
 
 async def concurrent_cold_reads(base: str, token: str, count: int) -> list[int]:
-    async with httpx.AsyncClient(headers={"X-KMS-Token": token}, timeout=10, limits=httpx.Limits(max_connections=count)) as client:
+    async with httpx.AsyncClient(
+        headers={"X-KMS-Token": token}, timeout=10, limits=httpx.Limits(max_connections=count)
+    ) as client:
         statuses: list[int] = []
 
         async def read() -> None:
@@ -236,22 +242,38 @@ def main(seconds: int) -> None:
     report(rows, seconds, first_200, cold_calls, statuses, rss)
 
 
-def report(rows: dict[str, dict[int, Result]], seconds: int, first_200: float, cold_calls: float, statuses: list[int], rss: float) -> None:
-    print(f"Medians of {RUNS} wrk runs of {seconds}s each per cell (wrk --timeout 2s; 1 thread, 2 at 800 connections).\n")
+def report(
+    rows: dict[str, dict[int, Result]],
+    seconds: int,
+    first_200: float,
+    cold_calls: float,
+    statuses: list[int],
+    rss: float,
+) -> None:
+    print(
+        f"Medians of {RUNS} wrk runs of {seconds}s each per cell (wrk --timeout 2s; 1 thread, 2 at 800 connections).\n"
+    )
     print("| server | connections | req/s | p50 ms | p99 ms | errors | timeouts |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, results in rows.items():
         for connections, r in results.items():
-            print(f"| {name} | {connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors:.0f} | {r.timeouts:.0f} |")
+            print(
+                f"| {name} | {connections} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+                f"| {r.errors:.0f} | {r.timeouts:.0f} |"
+            )
     a = rows["(a) kmsagent"]
     print()
     for other in [name for name in rows if not name.startswith("(a)")]:
         b = rows[other]
-        ratios = ", ".join(f"{c} conn: {a[c].rps / b[c].rps:.2f}x req/s, p99 {a[c].p99_ms / b[c].p99_ms:.2f}x" for c in CONNECTIONS)
+        ratios = ", ".join(
+            f"{c} conn: {a[c].rps / b[c].rps:.2f}x req/s, p99 {a[c].p99_ms / b[c].p99_ms:.2f}x" for c in CONNECTIONS
+        )
         print(f"- (a) / {other}: {ratios}")
     print(f"- kmsagent RSS with 1000 cached 4 KB secrets: {rss:.1f} MB (the --dev process, embedded emulator included)")
     print(f"- kmsagent start to first 200: {first_200:.2f} s (--dev: the emulator starts too)")
-    print(f"- KMS calls for 100 concurrent cold reads of one secret: {cold_calls:.0f} (statuses: {sorted(set(statuses))})")
+    print(
+        f"- KMS calls for 100 concurrent cold reads of one secret: {cold_calls:.0f} (statuses: {sorted(set(statuses))})"
+    )
 
 
 if __name__ == "__main__":

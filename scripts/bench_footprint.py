@@ -40,7 +40,16 @@ SECRET_4K = json.dumps({"key": "k" * 4000})[:4096]
 TOKEN = "bench-footprint-token-0123456789"
 ROUTE = "/secretsmanager/get?secretId="
 #: The libraries a kmsagent of this design loads whatever it does: the floor of its RSS.
-LIBRARIES = ["trio", "h11", "hypercorn.trio", "quart_trio", "httpx", "loguru", "prometheus_client", "alibabacloud_kms20160120.models"]
+LIBRARIES = [
+    "trio",
+    "h11",
+    "hypercorn.trio",
+    "quart_trio",
+    "httpx",
+    "loguru",
+    "prometheus_client",
+    "alibabacloud_kms20160120.models",
+]
 #: Distinct secrets read once each (one keep-alive connection, one at a time) for the miss CPU.
 MISSES = 600
 TARGETS = {"idle": 58.0, "loaded": 65.0, "start": 0.5, "miss": 1.3}
@@ -170,10 +179,19 @@ def interpreter(imports: list[str], pythonpath: str | None = None) -> tuple[floa
     probe = PROBE.format(imports="\n".join(f"import {name}" for name in imports))
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     runs = [
-        [float(value) for value in subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout.split()]
+        [
+            float(value)
+            for value in subprocess.run(
+                [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+            ).stdout.split()
+        ]
         for _ in range(3)
     ]
-    return min(run[0] for run in runs), statistics.median(run[1] for run in runs), statistics.median(run[2] for run in runs)
+    return (
+        min(run[0] for run in runs),
+        statistics.median(run[1] for run in runs),
+        statistics.median(run[2] for run in runs),
+    )
 
 
 @dataclass
@@ -236,7 +254,7 @@ def measure(folder: Path, endpoint: str, env: dict[str, str]) -> Footprint:
 
 def baseline_source(folder: Path, ref: str) -> str | None:
     """`src` of git `ref` unpacked in `folder`, for PYTHONPATH; None when there is no such ref."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=False)
     if archive.returncode != 0:
         print(f"no baseline: git archive {ref} failed", file=sys.stderr)
         return None
@@ -249,7 +267,9 @@ def main() -> None:
     rows: dict[str, Footprint] = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
-        emulator = subprocess.Popen([sys.executable, __file__, "emulator", str(SECRETS)], stdout=subprocess.PIPE, text=True)
+        emulator = subprocess.Popen(
+            [sys.executable, __file__, "emulator", str(SECRETS)], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert emulator.stdout is not None
             endpoint, access_key_id, secret = emulator.stdout.readline().split()
@@ -295,7 +315,12 @@ def report(
     def row(measure: str, target: str, cells: list[str], ok: bool) -> None:
         print(f"| {measure} | {target} | {' | '.join(cells)} | {met(ok)} |")
 
-    row("RSS idle, no secrets", f"≤ {TARGETS['idle']:.0f} MB", [f"{r.idle:.1f} MB" for r in rows.values()], ours.idle <= TARGETS["idle"])
+    row(
+        "RSS idle, no secrets",
+        f"≤ {TARGETS['idle']:.0f} MB",
+        [f"{r.idle:.1f} MB" for r in rows.values()],
+        ours.idle <= TARGETS["idle"],
+    )
     row(
         f"RSS, {SECRETS} × 4 KB secrets prefetched and read once",
         f"≤ {TARGETS['loaded']:.0f} MB",
@@ -316,8 +341,10 @@ def report(
     )
     blank = " | " * (len(rows) - 1)
     print(
-        f"| `import kmsagent.cli` | | "
-        + " | ".join(f"{r.imported[0]:.1f} MB; {r.imported[1]:.2f} s (CPU {r.imported[2]:.2f} s)" for r in rows.values())
+        "| `import kmsagent.cli` | | "
+        + " | ".join(
+            f"{r.imported[0]:.1f} MB; {r.imported[1]:.2f} s (CPU {r.imported[2]:.2f} s)" for r in rows.values()
+        )
         + " | |"
     )
     print(f"| (reference) bare Python | | {bare[0]:.1f} MB{blank} | |")

@@ -26,7 +26,6 @@ from functools import partial
 
 import trio
 import trio.testing
-
 from loguru import logger
 
 from kmsagent import refresher
@@ -139,7 +138,9 @@ async def one_run(batch: bool, jitter: bool) -> Run:
         config = Config(
             server=ServerConfig(http_port=0),
             cache=CacheConfig(ttl_seconds=TTL),
-            kms=KmsConfig(endpoint=str(kms.endpoint), protocol="http", max_concurrent_requests=MAX_IN_FLIGHT, batch_refresh=batch),
+            kms=KmsConfig(
+                endpoint=str(kms.endpoint), protocol="http", max_concurrent_requests=MAX_IN_FLIGHT, batch_refresh=batch
+            ),
         )
         stop = trio.Event()
         agent = partial(

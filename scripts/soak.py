@@ -78,7 +78,8 @@ ENV_SECRET = "soak/env"
 CHILD = """
 import json, os, signal, sys
 with open(sys.argv[1], "a") as log:
-    log.write(json.dumps({"pid": os.getpid(), "password": os.environ["SOAK_PASSWORD"], "all": os.environ["SOAK_ALL"]}) + "\\n")
+    started = {"pid": os.getpid(), "password": os.environ["SOAK_PASSWORD"], "all": os.environ["SOAK_ALL"]}
+    log.write(json.dumps(started) + "\\n")
 signal.pause()
 """
 
@@ -176,7 +177,7 @@ class FilesAndExec:
     def __init__(self, soak: Soak, count: int, supervise: bool) -> None:
         self.soak = soak
         self.folder = tempfile.mkdtemp(prefix="kmsagent-soak-")
-        os.chmod(self.folder, 0o755)
+        os.chmod(self.folder, 0o755)  # noqa: S103 - an app's folder as deployed: none but its owner writes
         self.supervise = supervise
         self.child_log = os.path.join(self.folder, ".child-starts")
         #: Per table: (secret, path, kind); kind 0 whole value, 1 JsonKey "v", 2 Template.
@@ -286,7 +287,9 @@ class FilesAndExec:
                         stats.late_in_windows += 1
                     else:
                         stats.late += 1
-                        self._example(f"{path}: v{position}, superseded {started - versions[position + 1]:.1f}s before the read")
+                        self._example(
+                            f"{path}: v{position}, superseded {started - versions[position + 1]:.1f}s before the read"
+                        )
             time.sleep(0.05)
 
     def _example(self, text: str) -> None:
@@ -477,7 +480,9 @@ class Soak:
         if ended - started > REQUEST_TIMEOUT_MS / 1000 + ANSWER_SLACK:
             stats.too_slow += 1
             if len(stats.wrong_examples) < 10:
-                stats.wrong_examples.append(f"{status} for {name} at {started - self.t0:.1f}s took {ended - started:.2f}s")
+                stats.wrong_examples.append(
+                    f"{status} for {name} at {started - self.t0:.1f}s took {ended - started:.2f}s"
+                )
         window = self._window_of(started, ended)
         if window is not None:
             window.requests += 1
@@ -488,7 +493,9 @@ class Soak:
             else:
                 stats.errors_out[status] += 1
                 if len(stats.wrong_examples) < 10:
-                    stats.wrong_examples.append(f"unexpected {status} for {name} at {started - self.t0:.1f}s: {body[:120]!r}")
+                    stats.wrong_examples.append(
+                        f"unexpected {status} for {name} at {started - self.t0:.1f}s: {body[:120]!r}"
+                    )
             return
         cache = headers.get(b"x-kms-agent-cache", b"?").decode()
         stats.by_cache[cache] += 1
@@ -636,7 +643,7 @@ class Soak:
                 self.extra_results["metrics"] = await self.metrics(port)
             open_at_end = None
             with trio.move_on_after(5):
-                while (open_at_end := await self.connections_open(port)) != 1:
+                while (open_at_end := await self.connections_open(port)) != 1:  # noqa: ASYNC110 - seen in /metrics only
                     await trio.sleep(0.1)
             self.zombies = zombie_children()
             self.fds_at_end = open_descriptors()
@@ -701,25 +708,37 @@ class Soak:
             fetches = self.credentials.fetches
             renewals = f"{fetches - 1} (STS lifetime {STS_LIFETIME}s, renewed {RENEW_BEFORE}s before expiry)"
         lines = [
-            f"kmsagent soak {time.strftime('%Y-%m-%d %H:%M')}: {self.elapsed:.0f}s real clock, "
-            f"{self.args.secrets} secrets (+{s.created} created), {self.args.clients} clients, "
-            f"TTL {TTL}s, MaxStale 0, ReadTimeout {READ_TIMEOUT_MS}ms, MaxRetries {MAX_RETRIES}, "
-            f"RequestTimeout {REQUEST_TIMEOUT_MS}ms, one FallbackEndpoint",
-            f"requests served      {s.requests} ({s.requests / self.elapsed:.0f}/s; p50 {pct(0.5)}, "
-            f"p99 {pct(0.99)}, max {pct(1.0)}); hit {s.by_cache['hit']}, miss {s.by_cache['miss']}, "
-            f"stale {s.by_cache['stale']}",
+            (
+                f"kmsagent soak {time.strftime('%Y-%m-%d %H:%M')}: {self.elapsed:.0f}s real clock, "
+                f"{self.args.secrets} secrets (+{s.created} created), {self.args.clients} clients, "
+                f"TTL {TTL}s, MaxStale 0, ReadTimeout {READ_TIMEOUT_MS}ms, MaxRetries {MAX_RETRIES}, "
+                f"RequestTimeout {REQUEST_TIMEOUT_MS}ms, one FallbackEndpoint"
+            ),
+            (
+                f"requests served      {s.requests} ({s.requests / self.elapsed:.0f}/s; p50 {pct(0.5)}, "
+                f"p99 {pct(0.99)}, max {pct(1.0)}); hit {s.by_cache['hit']}, miss {s.by_cache['miss']}, "
+                f"stale {s.by_cache['stale']}"
+            ),
             f"wrong values         {s.wrong}",
             f"answers too slow     {s.too_slow} (later than RequestTimeoutMs + {ANSWER_SLACK}s)",
-            f"primary down         {len(primary_down)} windows: {sum(w.requests for w in primary_down)} requests, "
-            f"{down_errors} non-200; {at_replica} KMS calls served by the replica in the whole run",
-            f"5xx outside windows  {five_out} (grace {self.grace:.1f}s after each window; "
-            f"{self.outside_seconds():.0f}s of the run were outside)",
+            (
+                f"primary down         {len(primary_down)} windows: {sum(w.requests for w in primary_down)} requests, "
+                f"{down_errors} non-200; {at_replica} KMS calls served by the replica in the whole run"
+            ),
+            (
+                f"5xx outside windows  {five_out} (grace {self.grace:.1f}s after each window; "
+                f"{self.outside_seconds():.0f}s of the run were outside)"
+            ),
             f"5xx inside windows   {five_in}{by_status(s.errors_in, True)}",
-            f"other non-200        outside {unexpected - five_out}{by_status(s.errors_out, False)}, "
-            f"inside {sum(s.errors_in.values()) - five_in}{by_status(s.errors_in, False)}",
+            (
+                f"other non-200        outside {unexpected - five_out}{by_status(s.errors_out, False)}, "
+                f"inside {sum(s.errors_in.values()) - five_in}{by_status(s.errors_in, False)}"
+            ),
             f"transport errors     {s.transport_errors}",
-            f"stale answers        {s.by_cache['stale']} (in windows+grace {s.stale_in}, after {s.stale_out}; "
-            f"older than TTL {s.stale_older_than_ttl})",
+            (
+                f"stale answers        {s.by_cache['stale']} (in windows+grace {s.stale_in}, after {s.stale_out}; "
+                f"older than TTL {s.stale_older_than_ttl})"
+            ),
             f"rotations            {s.rotations}",
             f"KMS calls            {len(calls)} ({failed_calls} faulted or refused)",
             f"credential renewals  {renewals}",
@@ -728,7 +747,8 @@ class Soak:
             f"fault windows        {len(self.windows)} (requests / stale / non-200 counted to end + grace):",
         ]
         lines += [
-            f"  {f'{w.start - self.t0:.0f}-{w.end - self.t0:.0f}s':>10} {w.kind:<16} {w.requests:>7} / {w.stale:>5} / {w.errors:>4}"
+            f"  {f'{w.start - self.t0:.0f}-{w.end - self.t0:.0f}s':>10} {w.kind:<16} "
+            f"{w.requests:>7} / {w.stale:>5} / {w.errors:>4}"
             for w in self.windows
         ]
         lines += [f"  ! {example}" for example in s.wrong_examples + s.transport_examples]
@@ -739,20 +759,32 @@ class Soak:
             extra, results, f = self.extra, self.extra_results, self.extra.stats
             metrics = results["metrics"]
             written, unchanged, write_failed = (
-                metrics.get(f'kmsagent_file_writes_total{{outcome="{outcome}"}}', 0.0) for outcome in ("written", "unchanged", "failed")
+                metrics.get(f'kmsagent_file_writes_total{{outcome="{outcome}"}}', 0.0)
+                for outcome in ("written", "unchanged", "failed")
             )
             runs_ok = metrics.get('kmsagent_file_onchange_runs_total{outcome="success"}', 0.0)
-            runs_not = sum(v for k, v in metrics.items() if k.startswith("kmsagent_file_onchange_runs_total") and "success" not in k)
+            runs_not = sum(
+                v
+                for k, v in metrics.items()
+                if k.startswith("kmsagent_file_onchange_runs_total") and "success" not in k
+            )
             files_ok = f.partial == 0 and f.bad_mode == 0 and f.late == 0 and results["at_last"] == len(extra.tables)
             lines += [
-                f"files                {len(extra.tables)} (Mode {FILE_MODE:04o}, rotated every {self.args.file_rotate_every:.0f}s: "
-                f"{extra.rotations} rotations), reads {f.reads}",
+                (
+                    f"files                {len(extra.tables)} (Mode {FILE_MODE:04o}, "
+                    f"rotated every {self.args.file_rotate_every:.0f}s: {extra.rotations} rotations), reads {f.reads}"
+                ),
                 f"  partial reads      {f.partial}",
                 f"  wrong mode         {f.bad_mode}",
                 f"  older than TTL     {f.late} (in fault windows: {f.late_in_windows}); missing {f.missing}",
-                f"  at last value      {results['at_last']}/{len(extra.tables)} after {TTL + MARGIN + 3:.0f}s to settle",
-                f"  writes             {written:.0f} written, {unchanged:.0f} unchanged, {write_failed:.0f} failed; "
-                f"OnChange {runs_ok:.0f} ok, {runs_not:.0f} not",
+                (
+                    f"  at last value      {results['at_last']}/{len(extra.tables)} "
+                    f"after {TTL + MARGIN + 3:.0f}s to settle"
+                ),
+                (
+                    f"  writes             {written:.0f} written, {unchanged:.0f} unchanged, "
+                    f"{write_failed:.0f} failed; OnChange {runs_ok:.0f} ok, {runs_not:.0f} not"
+                ),
             ]
             failed = failed or not files_ok if extra.tables else failed
             if extra.supervise:
@@ -767,7 +799,10 @@ class Soak:
                 failed = failed or not exec_ok
             lines += [f"  ! {example}" for example in f.examples]
         lines.append(f"zombies              {len(self.zombies)}")
-        lines.append(f"open descriptors     start {self.fds_at_start}, end {self.fds_at_end} (growth {growth}; KMS pools allow {pool_slack})")
+        lines.append(
+            f"open descriptors     start {self.fds_at_start}, end {self.fds_at_end} "
+            f"(growth {growth}; KMS pools allow {pool_slack})"
+        )
         lines.append(f"RESULT               {'FAIL' if failed else 'PASS'}")
         print("\n".join(lines), flush=True)
         return 1 if failed else 0
@@ -779,7 +814,7 @@ def by_status(counts: Counter[int], server_errors: bool) -> str:
 
 
 def main() -> int:
-    global TTL
+    global TTL  # noqa: PLW0603 - --ttl replaces the default the whole run reads
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--seconds", type=float, help="overrides --minutes (quick runs)")
@@ -789,13 +824,24 @@ def main() -> int:
     parser.add_argument("--rotate-every", type=float, default=0.25, help="mean seconds between rotations")
     parser.add_argument("--no-metadata", dest="metadata", action="store_false", help="static keys, no renewals")
     parser.add_argument("--ttl", type=int, default=30, help="TtlSeconds (default %(default)s)")
-    parser.add_argument("--files", type=int, default=0, metavar="N", help="also render N secrets to files and check every read")
-    parser.add_argument("--exec", action="store_true", help="also supervise a child with Env secrets and count its restarts")
-    parser.add_argument("--file-rotate-every", type=float, default=30.0, help="seconds between rotations of the file and Env secrets")
     parser.add_argument(
-        "--faults", action=argparse.BooleanOptionalAction, default=None, help="KMS fault windows (default: on, off with --files/--exec)"
+        "--files", type=int, default=0, metavar="N", help="also render N secrets to files and check every read"
     )
-    parser.add_argument("--log", default=f"/tmp/soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    parser.add_argument(
+        "--exec", action="store_true", help="also supervise a child with Env secrets and count its restarts"
+    )
+    parser.add_argument(
+        "--file-rotate-every", type=float, default=30.0, help="seconds between rotations of the file and Env secrets"
+    )
+    parser.add_argument(
+        "--faults",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="KMS fault windows (default: on, off with --files/--exec)",
+    )
+    parser.add_argument(
+        "--log", default=os.path.join(tempfile.gettempdir(), f"soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    )
     args = parser.parse_args()
     TTL = args.ttl
     logger.remove()

@@ -1,7 +1,9 @@
-"""Shared fixtures: the KMS emulator on loopback, and the agent serving in-process against it."""
+"""Shared fixtures: the KMS emulator on loopback, and the agent serving in-process against it;
+and `eventually`, the one way a test waits for state no trio.Event can announce."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,7 +19,7 @@ from loguru import logger
 from kmsagent.agent import run_agent
 from kmsagent.config import CacheConfig, Config, KmsConfig, ServerConfig
 from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials
-from kmsagent.emulator import KmsEmulator
+from kmsagent.emulator import KmsEmulator, StsEmulator
 from kmsagent.token import TokenSource
 
 AK_ID = "LTAItestAccessKeyId01"
@@ -30,6 +32,24 @@ SECRETS = {
 }
 #: Strings that must never appear in a log, an error body or stderr.
 SECRET_MATERIAL = (AK_SECRET, TOKEN, *SECRETS.values())
+
+
+async def eventually(condition: Callable[[], object], *, seconds: float = 10, interval: float = 0.02) -> None:
+    """Polls `condition` (awaited when it returns an awaitable) every `interval` until it holds;
+    trio.TooSlowError after `seconds`.
+
+    For state another process or thread changes: a file or the /metrics of an agent process, the
+    calls an agent process makes to an emulator, a fake server's or a watcher's bookkeeping. No
+    trio.Event crosses those boundaries, so the test looks again until it sees the change.
+    """
+
+    async def holds() -> bool:
+        result = condition()
+        return bool(await result if inspect.isawaitable(result) else result)
+
+    with trio.fail_after(seconds):
+        while not await holds():  # noqa: ASYNC110 - no event reaches here from another process
+            await trio.sleep(interval)
 
 
 @pytest.fixture
@@ -69,6 +89,14 @@ async def emulator(nursery: trio.Nursery, wall_clock: Callable[[], float]) -> Km
     return kms
 
 
+@pytest.fixture
+async def sts(nursery: trio.Nursery, emulator: KmsEmulator) -> StsEmulator:
+    """The STS emulator on loopback, for the KMS emulator's account and on its clock."""
+    service = StsEmulator(emulator)
+    await nursery.start(service.serve)
+    return service
+
+
 def agent_config(endpoint: str, **sections: Any) -> Config:
     """A config for tests: any free port, the emulator as KMS, quick retries, and overrides.
 
@@ -97,6 +125,19 @@ class RunningAgent:
 
 
 StartAgent = Callable[..., Awaitable[RunningAgent]]
+
+
+async def read_for(
+    agent_get: Callable[[], Awaitable[httpx.Response]], seconds: float, every: float
+) -> list[tuple[float, int]]:
+    """(time since the start, status) of a read every `every` seconds for `seconds` (on trio's clock)."""
+    statuses = []
+    started = trio.current_time()
+    while trio.current_time() - started < seconds:
+        response = await agent_get()
+        statuses.append((trio.current_time() - started, response.status_code))
+        await trio.sleep(every)
+    return statuses
 
 
 @pytest.fixture

@@ -57,7 +57,9 @@ async def test_the_sdk_reads_a_batch_with_per_secret_errors(emulator: KmsEmulato
         "db/password": SECRETS["db/password"],
         "api-key": SECRETS["api-key"],
     }
-    assert [(e.secret_name, e.code, e.http_status) for e in body.errors] == [("missing", "Forbidden.ResourceNotFound", 404)]
+    assert [(e.secret_name, e.code, e.http_status) for e in body.errors] == [
+        ("missing", "Forbidden.ResourceNotFound", 404)
+    ]
     assert body.secret_values[0].version_stages.version_stage == ["ACSCurrent"]
     assert emulator.calls[-1].secret_names == ("db/password", "missing", arn)
     assert emulator.call_count("api-key") == 1  # a batch that names it by ARN counts for it
@@ -187,7 +189,7 @@ class Transient(Exception):
 
 
 def make_cache(nursery: trio.Nursery, **options: object) -> SecretCache[str, str]:
-    settings: dict[str, object] = dict(max_entries=100, ttl=100.0, is_transient=lambda e: isinstance(e, Transient))
+    settings: dict[str, object] = {"max_entries": 100, "ttl": 100.0, "is_transient": lambda e: isinstance(e, Transient)}
     settings.update(options)
     return SecretCache(loads=nursery, **settings)  # type: ignore[arg-type]
 
@@ -375,7 +377,9 @@ async def test_after_a_whole_batch_failure_the_next_due_batch_is_tried_again(
     for _ in range(4):
         await trio.sleep(30)
         assert await read_all(agent, hot_secrets) == {"hit": 24}
-    failed = [i for i, call in enumerate(emulator.calls) if call.action == BATCH_GET_SECRET_VALUE and call.status != 200]
+    failed = [
+        i for i, call in enumerate(emulator.calls) if call.action == BATCH_GET_SECRET_VALUE and call.status != 200
+    ]
     assert len(failed) == 1
     names = emulator.calls[failed[0]].secret_names
     # The failed batch's secrets were refreshed with single calls at once, and batched again later.

@@ -36,7 +36,7 @@ class Transient(Exception):
 
 
 def make(nursery: trio.Nursery, **kwargs: object) -> SecretCache[str, str]:
-    options: dict[str, object] = dict(max_entries=3, ttl=10.0, is_transient=lambda e: isinstance(e, Transient))
+    options: dict[str, object] = {"max_entries": 3, "ttl": 10.0, "is_transient": lambda e: isinstance(e, Transient)}
     options.update(kwargs)
     return SecretCache(loads=nursery, **options)  # type: ignore[arg-type]
 
@@ -97,7 +97,7 @@ async def test_concurrent_misses_share_one_failure(nursery: trio.Nursery) -> Non
     errors: list[BaseException] = []
 
     async def read() -> None:
-        with pytest.raises(ValueError) as caught:
+        with pytest.raises(ValueError, match="gone") as caught:
             await cache.get("a", source.loader("a"))
         errors.append(caught.value)
 
@@ -272,7 +272,7 @@ async def test_an_abandoned_load_that_retries_leaves_the_queue_when_it_queues_ag
     cache, slots, calls = make(nursery), trio.CapacityLimiter(1), Counter[str]()
 
     async def load() -> str:
-        for attempt in range(3):
+        for _ in range(3):
             with queued():
                 await slots.acquire()
             calls["a"] += 1

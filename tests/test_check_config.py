@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ def test_a_missing_folder_that_can_be_created_passes_and_is_not_left_behind(tmp_
     ],
     ids=["proc", "under-a-file", "a-file"],
 )
-def test_unusable_log_paths_are_config_errors(tmp_path: Path, make, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_unusable_log_paths_are_config_errors(tmp_path: Path, make: Callable[[Path], str], reason: str) -> None:
     with pytest.raises(ConfigError, match=r"\[Log\] Path = .*" + reason):
         check_log_folder(LogConfig(path=make(tmp_path)))
 
@@ -67,7 +68,7 @@ def test_check_config_notes_a_files_folder_this_user_cannot_write(tmp_path: Path
         f'[Log]\nPath = ""\n[[Files]]\nSecretId = "s"\nPath = "{folder}/f"\n'
     )
     chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True, check=False).returncode != 0:
         pytest.skip("chattr +i is not available here")
     try:
         result = run_cli("--check-config", "--config", str(config))

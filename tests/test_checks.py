@@ -65,7 +65,9 @@ def test_a_missing_or_doubled_host_is_403() -> None:
     fails(403, "BadHost", headers=[(b"host", b"localhost"), (b"host", b"localhost"), (b"x-kms-token", TOKEN)])
 
 
-@pytest.mark.parametrize("host", [b"localhost", b"LOCALHOST:80", b"127.0.0.1", b"127.0.0.1:2025", b"[::1]", b"[::1]:2025"])
+@pytest.mark.parametrize(
+    "host", [b"localhost", b"LOCALHOST:80", b"127.0.0.1", b"127.0.0.1:2025", b"[::1]", b"[::1]:2025"]
+)
 def test_loopback_hosts_pass(host: bytes) -> None:
     assert isinstance(run(headers=[(b"host", host), (b"x-kms-token", TOKEN)]), SecretQuery)
 

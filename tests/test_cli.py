@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,19 +24,30 @@ import httpx
 import pytest
 import trio
 
-from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN
+from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, eventually
 from kmsagent import __version__
 from kmsagent.config import Config, parse_config
 from kmsagent.emulator import Fault, KmsEmulator, MetadataEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
-AGENT_ENV = {**BASE_ENV, "KMS_TOKEN": TOKEN, "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
+BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir())}
+AGENT_ENV = {
+    **BASE_ENV,
+    "KMS_TOKEN": TOKEN,
+    "ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID,
+    "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET,
+}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kmsagent", *args], env=env or BASE_ENV, cwd=cwd, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "kmsagent", *args],
+        env=env or BASE_ENV,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,  # the tests read the exit code
     )
 
 
@@ -93,10 +105,10 @@ async def agent_process(
         await process.wait()
 
 
-async def read_lines_until(process: trio.Process, marker: str, timeout: float = 20) -> list[str]:
+async def read_lines_until(process: trio.Process, marker: str, seconds: float = 20) -> list[str]:
     assert process.stdout is not None
     buffer, lines = b"", []
-    with trio.fail_after(timeout):
+    with trio.fail_after(seconds):
         while not any(marker in line for line in lines):
             chunk = await process.stdout.receive_some(4096)
             assert chunk, f"agent exited before {marker!r}: {lines}"
@@ -198,7 +210,9 @@ async def test_serves_secrets_then_stops_on_sigterm_without_leaking(tmp_path: Pa
             for name, value in SECRETS.items():
                 response = await client.get(agent.url(f"/secretsmanager/get?secretId={name}"))
                 assert response.status_code == 200 and response.json()["SecretData"] == value
-            assert (await client.get(agent.url("/secretsmanager/get?secretId=db/password"))).headers["x-kms-agent-cache"] == "hit"
+            assert (await client.get(agent.url("/secretsmanager/get?secretId=db/password"))).headers[
+                "x-kms-agent-cache"
+            ] == "hit"
             missing = await client.get(agent.url("/secretsmanager/get?secretId=no-such-secret"))
             assert (missing.status_code, missing.json()["Code"]) == (404, "Forbidden.ResourceNotFound")
             assert (await client.get(agent.url("/ping"), headers={"X-KMS-Token": "wrong"})).status_code == 200
@@ -206,14 +220,20 @@ async def test_serves_secrets_then_stops_on_sigterm_without_leaking(tmp_path: Pa
         assert await stop(agent) == 0
     log_files = list((tmp_path / "logs").iterdir())
     assert [path.name for path in log_files] == ["kmsagent.log"]
-    outputs = {"stderr": agent.stderr_path.read_text(), "log": log_files[0].read_text(), "stdout": "\n".join(agent.stdout)}
+    outputs = {
+        "stderr": agent.stderr_path.read_text(),
+        "log": log_files[0].read_text(),
+        "stdout": "\n".join(agent.stdout),
+    }
     assert "no-such-secret" in outputs["log"] and '"level"' in outputs["log"]  # debug request lines, JSON
     for where, text in outputs.items():
         for material in SECRET_MATERIAL:
             assert material not in text, f"secret material in {where}"
 
 
-async def test_the_ecs_ram_role_is_the_auto_source_without_keys(tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery) -> None:
+async def test_the_ecs_ram_role_is_the_auto_source_without_keys(
+    tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery
+) -> None:
     metadata = MetadataEmulator(emulator)
     await nursery.start(metadata.serve)
     config = write_config(tmp_path, emulator.endpoint).read_text()
@@ -244,11 +264,12 @@ async def test_a_rotated_token_file_is_picked_up_without_restart(tmp_path: Path,
                 response = await client.get(agent.url("/v1/api-key"), headers={"X-KMS-Token": token})
                 return response.status_code
 
+            async def second_token_works() -> bool:
+                return await status("second-file-token") == 200
+
             assert await status("first-file-token") == 200
             token_file.write_text("second-file-token\n")
-            with trio.fail_after(5):
-                while await status("second-file-token") != 200:
-                    await trio.sleep(0.1)
+            await eventually(second_token_works, seconds=5, interval=0.1)
             assert await status("first-file-token") == 403
         assert await stop(agent, signal.SIGINT) == 0
 
@@ -268,7 +289,8 @@ async def test_dev_mode_prints_a_curl_line_that_works(tmp_path: Path, credential
             body = httpx.Response(200, content=result.stdout).json()
         else:  # the same request without curl
             token = command[2].split(": ", 1)[1]
-            body = httpx.get(command[3], headers={"X-KMS-Token": token}).json()
+            async with httpx.AsyncClient() as client:
+                body = (await client.get(command[3], headers={"X-KMS-Token": token})).json()
         demo = tomllib.loads((ROOT / "conf" / "dev-secrets.toml").read_text())["secret"][0]
         assert (body["SecretName"], body["SecretData"]) == (demo["name"], demo["data"])
         assert await stop(agent, signal.SIGINT) == 0
@@ -340,7 +362,9 @@ def assert_no_traceback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("moment", ["first-line", 0.1, 0.3, 0.6])
-async def test_a_stop_signal_at_any_moment_of_start_up_exits_0(tmp_path: Path, signum: int, moment: str | float) -> None:
+async def test_a_stop_signal_at_any_moment_of_start_up_exits_0(
+    tmp_path: Path, signum: int, moment: str | float
+) -> None:
     """At the package's first line; then 0.1, 0.3 and 0.6 s after spawning but never before the
     heavy imports began (on a loaded machine the interpreter alone can take longer than that)."""
     config = write_config(tmp_path, "127.0.0.1:1")
@@ -391,10 +415,9 @@ async def test_a_stop_signal_during_a_prefetch_against_a_hanging_kms(
     assert_no_traceback(tmp_path)
 
 
-async def wait_for_text(path: Path, marker: str) -> None:
-    with trio.fail_after(10):
-        while marker not in path.read_text():
-            await trio.sleep(0.05)
+async def wait_for_text(path: Path, marker: str, seconds: float = 10) -> None:
+    """Until `marker` shows in `path` (an agent process's stderr or log)."""
+    await eventually(lambda: marker in path.read_text(), seconds=seconds, interval=0.05)
 
 
 async def test_sighup_during_start_up_is_held_and_applied(tmp_path: Path, emulator: KmsEmulator) -> None:
@@ -419,9 +442,7 @@ async def test_sighup_during_a_prefetch_is_survived(tmp_path: Path, emulator: Km
     emulator.inject(Fault(delay=1.5), times=1)
     config = with_prefetch(tmp_path, emulator.endpoint)
     async with spawned_agent(["--config", str(config)], AGENT_ENV, tmp_path) as process:
-        with trio.fail_after(20):
-            while emulator.call_count("db/password") == 0:
-                await trio.sleep(0.01)
+        await eventually(lambda: emulator.call_count("db/password") > 0, seconds=20, interval=0.01)
         process.send_signal(signal.SIGHUP)
         lines = await read_lines_until(process, "listening on")
         port = int(lines[-1].rsplit(":", 1)[1])
@@ -523,8 +544,8 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
 
     try:
         status = main(list(args))
-    except SystemExit as exit:
-        status = int(exit.code or 0)
+    except SystemExit as stopped:
+        status = int(stopped.code or 0)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -544,7 +565,9 @@ def test_port_80_exits_2_with_one_line() -> None:
     assert "'80': must be 0 or an integer in 1024..65535" in result.stderr
 
 
-def test_the_port_overrides_http_port_in_the_effective_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_the_port_overrides_http_port_in_the_effective_config(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     (tmp_path / "c.toml").write_text("[Server]\nHttpPort = 2025\n")
     status, stdout, _ = run_main(capsys, "--check-config", "--config", str(tmp_path / "c.toml"), "--port", "3999")
     assert status == 0 and tomllib.loads(stdout)["Server"]["HttpPort"] == 3999
@@ -667,7 +690,11 @@ async def test_the_start_line_names_the_ipv6_address_too(tmp_path: Path, emulato
     if dev:
         args, env = ["--dev", "--config", str(dev_config(tmp_path, "BindIPv6 = true\n"))], BASE_ENV
     else:
-        text = write_config(tmp_path, emulator.endpoint).read_text().replace("HttpPort = 0", "HttpPort = 0\nBindIPv6 = true")
+        text = (
+            write_config(tmp_path, emulator.endpoint)
+            .read_text()
+            .replace("HttpPort = 0", "HttpPort = 0\nBindIPv6 = true")
+        )
         (tmp_path / "v6.toml").write_text(text)
         args, env = ["--config", str(tmp_path / "v6.toml")], AGENT_ENV
     async with agent_process(args, env, tmp_path) as agent:

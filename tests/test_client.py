@@ -23,7 +23,13 @@ from kmsagent import client
 from kmsagent.emulator import KmsEmulator
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), "KMS_TOKEN": TOKEN}
+ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "HOME": os.environ.get("HOME", tempfile.gettempdir()),
+    "KMS_TOKEN": TOKEN,
+}
+#: The `agent_of_type` fixture: an agent answering with ResponseType n, and the client arguments.
+AgentOfType = Callable[[int], Awaitable[tuple[RunningAgent, list[str]]]]
 NO_TOKEN_ENV = {key: value for key, value in ENV.items() if key != "KMS_TOKEN"}
 TEXT = "line one\nünïcödé — 名前\n"  # a trailing newline that must come out as is, and no other
 BINARY = b"\x00\xff\xfe binary\nsecret\r\n\x80"
@@ -74,9 +80,7 @@ async def secrets(emulator: KmsEmulator) -> KmsEmulator:
 
 
 @pytest.fixture
-async def agent_of_type(
-    secrets: KmsEmulator, start_agent: StartAgent, tmp_path: Path
-) -> Callable[[int], Awaitable[tuple[RunningAgent, list[str]]]]:
+async def agent_of_type(secrets: KmsEmulator, start_agent: StartAgent, tmp_path: Path) -> AgentOfType:
     """An agent answering with ResponseType n, and the client arguments that reach it."""
 
     async def start(response_type: int) -> tuple[RunningAgent, list[str]]:
@@ -91,20 +95,20 @@ async def agent_of_type(
 
 
 @pytest.mark.parametrize("response_type", [0, 1, 2])
-async def test_a_text_secret_is_printed_as_its_exact_bytes(agent_of_type, response_type: int) -> None:
+async def test_a_text_secret_is_printed_as_its_exact_bytes(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     result = await kmsagent_get("text", *where)
     assert (result.returncode, result.stdout, result.stderr) == (0, TEXT.encode(), b"")
 
 
 @pytest.mark.parametrize("response_type", [0, 1])
-async def test_a_binary_secret_is_decoded(agent_of_type, response_type: int) -> None:
+async def test_a_binary_secret_is_decoded(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     result = await kmsagent_get("binary", *where)
     assert (result.returncode, result.stdout) == (0, BINARY)
 
 
-async def test_a_binary_secret_under_vault_answers_is_its_base64(agent_of_type) -> None:
+async def test_a_binary_secret_under_vault_answers_is_its_base64(agent_of_type: AgentOfType) -> None:
     """Vault's `data` carries no type: the documented limit of ResponseType 2."""
     _, where = await agent_of_type(2)
     result = await kmsagent_get("binary", *where)
@@ -112,7 +116,7 @@ async def test_a_binary_secret_under_vault_answers_is_its_base64(agent_of_type) 
 
 
 @pytest.mark.parametrize("response_type", [0, 1, 2])
-async def test_json_key_prints_a_string_as_is_else_json(agent_of_type, response_type: int) -> None:
+async def test_json_key_prints_a_string_as_is_else_json(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     for key, printed in [("pass", DOCUMENT["pass"].encode()), ("port", b"5432"), ("tls", b'{"ca":["a","b"]}')]:
         result = await kmsagent_get("document", "--json-key", key, *where)
@@ -120,28 +124,28 @@ async def test_json_key_prints_a_string_as_is_else_json(agent_of_type, response_
 
 
 @pytest.mark.parametrize("secret", ["document", "text"])
-async def test_a_missing_json_key_exits_3(agent_of_type, secret: str) -> None:
+async def test_a_missing_json_key_exits_3(agent_of_type: AgentOfType, secret: str) -> None:
     _, where = await agent_of_type(0)
     result = await kmsagent_get(secret, "--json-key", "nope", *where)
     assert (result.returncode, result.stdout) == (3, b"")
     assert "'nope'" in one_line(result)
 
 
-async def test_any_legal_name_reaches_the_agent_intact(agent_of_type) -> None:
+async def test_any_legal_name_reaches_the_agent_intact(agent_of_type: AgentOfType) -> None:
     _, where = await agent_of_type(0)
     for name in ODD_NAMES:
         result = await kmsagent_get(name, *where)
         assert (result.returncode, result.stdout) == (0, f"value of {name}".encode()), (name, result.stderr)
 
 
-async def test_raw_response_is_the_agents_whole_body(agent_of_type) -> None:
+async def test_raw_response_is_the_agents_whole_body(agent_of_type: AgentOfType) -> None:
     agent, where = await agent_of_type(0)
     result = await kmsagent_get("document", "--raw-response", *where)
     assert result.returncode == 0
     assert result.stdout == (await agent.get("/secretsmanager/get?secretId=document")).content
 
 
-async def test_version_stage_and_version_id_are_sent(agent_of_type, secrets: KmsEmulator) -> None:
+async def test_version_stage_and_version_id_are_sent(agent_of_type: AgentOfType, secrets: KmsEmulator) -> None:
     _, where = await agent_of_type(0)
     first = secrets.put_secret("rotating", "first")
     secrets.put_secret("rotating", "second")
@@ -154,14 +158,14 @@ async def test_version_stage_and_version_id_are_sent(agent_of_type, secrets: Kms
 
 
 @pytest.mark.parametrize("response_type", [0, 1, 2])
-async def test_an_unknown_secret_exits_3_with_the_agents_code(agent_of_type, response_type: int) -> None:
+async def test_an_unknown_secret_exits_3_with_the_agents_code(agent_of_type: AgentOfType, response_type: int) -> None:
     _, where = await agent_of_type(response_type)
     result = await kmsagent_get("no/such/secret", *where)
     assert (result.returncode, result.stdout) == (3, b"")
     assert "404 Forbidden.ResourceNotFound: " in one_line(result)
 
 
-async def test_a_wrong_token_exits_3(agent_of_type) -> None:
+async def test_a_wrong_token_exits_3(agent_of_type: AgentOfType) -> None:
     _, where = await agent_of_type(0)
     result = await kmsagent_get("text", *where, env={**ENV, "KMS_TOKEN": "not-the-token-Qz7"})
     assert result.returncode == 3 and "BadToken" in one_line(result)
@@ -197,7 +201,9 @@ class FakeAgent:
                 head += chunk
         self.heads.append(head)
         status_line = b"HTTP/1.1 %d Whatever\r\n" % self.status
-        await stream.send_all(status_line + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.body) + self.body)
+        await stream.send_all(
+            status_line + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.body) + self.body
+        )
         await stream.aclose()
 
 
@@ -243,7 +249,9 @@ async def test_the_unix_socket_of_the_config_is_used(nursery: trio.Nursery, shor
     fake = FakeAgent(200, json.dumps({"SecretData": "via socket", "SecretDataType": "text"}).encode())
     await fake_on_unix(nursery, fake, path)
     config = server_config(
-        tmp_path, f'[Server]\nHttpPort = 1024\nUnixSocket = "{path}"\nSSRFHeaders = ["X-Mine"]\nSSRFEnvVariables = ["MY_TOKEN", "KMS_TOKEN"]\n'
+        tmp_path,
+        f'[Server]\nHttpPort = 1024\nUnixSocket = "{path}"\n'
+        'SSRFHeaders = ["X-Mine"]\nSSRFEnvVariables = ["MY_TOKEN", "KMS_TOKEN"]\n',
     )
     result = await kmsagent_get("ünï/a+b c", "--config", config, env={**ENV, "MY_TOKEN": "mine"})
     assert (result.returncode, result.stdout) == (0, b"via socket"), result.stderr
@@ -252,7 +260,9 @@ async def test_the_unix_socket_of_the_config_is_used(nursery: trio.Nursery, shor
     assert "Host: localhost" in headers and "X-Mine: mine" in headers
 
 
-async def test_socket_on_the_command_line_wins_over_the_port(nursery: trio.Nursery, short_dir: Path, tmp_path: Path) -> None:
+async def test_socket_on_the_command_line_wins_over_the_port(
+    nursery: trio.Nursery, short_dir: Path, tmp_path: Path
+) -> None:
     path = short_dir / "a.sock"
     await fake_on_unix(nursery, FakeAgent(200, b'{"SecretData": "s", "SecretDataType": "text"}'), path)
     config = server_config(tmp_path, "[Server]\nHttpPort = 1024\n")
@@ -260,7 +270,9 @@ async def test_socket_on_the_command_line_wins_over_the_port(nursery: trio.Nurse
     assert (result.returncode, result.stdout) == (0, b"s")
 
 
-async def test_a_configured_socket_that_is_gone_exits_1_without_trying_tcp(agent_of_type, short_dir: Path, tmp_path: Path) -> None:
+async def test_a_configured_socket_that_is_gone_exits_1_without_trying_tcp(
+    agent_of_type: AgentOfType, short_dir: Path, tmp_path: Path
+) -> None:
     agent, _ = await agent_of_type(0)  # a live agent on HttpPort: no fallback to it
     config = server_config(tmp_path, f'[Server]\nHttpPort = {agent.port}\nUnixSocket = "{short_dir / "gone.sock"}"\n')
     result = await kmsagent_get("text", "--config", config)
@@ -313,7 +325,9 @@ async def test_an_answer_may_come_later_than_the_connect_timeout(nursery: trio.N
 
 
 @pytest.mark.parametrize(("delay", "drip"), [(5.0, 0.0), (0.0, 0.05)])
-async def test_the_whole_exchange_is_bounded(nursery: trio.Nursery, short_bounds: None, delay: float, drip: float) -> None:
+async def test_the_whole_exchange_is_bounded(
+    nursery: trio.Nursery, short_bounds: None, delay: float, drip: float
+) -> None:
     port = await fake_on_tcp(nursery, SlowAgent(delay, drip))  # never answers in time, or drip-feeds
     started = trio.current_time()
     outcome = await fetch_in_thread(port)
@@ -347,7 +361,7 @@ async def test_a_bad_server_key_exits_2_with_one_line(tmp_path: Path, text: str,
     assert result.returncode == 2 and named in one_line(result)
 
 
-async def test_other_sections_are_not_checked(agent_of_type, tmp_path: Path) -> None:
+async def test_other_sections_are_not_checked(agent_of_type: AgentOfType, tmp_path: Path) -> None:
     """An application user runs the client with the agent's config: its log folder, credentials
     and keys from a newer version are none of the client's business."""
     agent, _ = await agent_of_type(0)
@@ -358,7 +372,7 @@ async def test_other_sections_are_not_checked(agent_of_type, tmp_path: Path) -> 
     assert (result.returncode, result.stdout) == (0, TEXT.encode())
 
 
-async def test_the_token_is_read_from_a_file(agent_of_type, tmp_path: Path) -> None:
+async def test_the_token_is_read_from_a_file(agent_of_type: AgentOfType, tmp_path: Path) -> None:
     _, where = await agent_of_type(0)
     (tmp_path / "token").write_text(f"{TOKEN}\n")
     result = await kmsagent_get("text", *where, env={**ENV, "KMS_TOKEN": f"file://{tmp_path / 'token'}"})
@@ -378,7 +392,10 @@ async def test_a_bad_token_file_exits_2_without_blocking(tmp_path: Path, kind: s
     assert result.returncode == 2 and str(path) in one_line(result)
 
 
-@pytest.mark.parametrize("args", [[], ["x", "--port", "0"], ["x", "--port", "1", "--socket", "/s"], ["x", "--json-key", "k", "--raw-response"]])
+@pytest.mark.parametrize(
+    "args",
+    [[], ["x", "--port", "0"], ["x", "--port", "1", "--socket", "/s"], ["x", "--json-key", "k", "--raw-response"]],
+)
 async def test_bad_usage_exits_2(args: list[str]) -> None:
     result = await kmsagent_get(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr.decode()
@@ -393,11 +410,14 @@ async def test_it_imports_none_of_the_agents_heavy_modules() -> None:
     """A health check runs it every few seconds: the agent's imports cost seconds and 50 MB."""
     probe = (
         "import sys; from kmsagent.__main__ import main; sys.argv = ['kmsagent', 'get', 'x', '--port', '1']; "
-        "code = main(); heavy = {'trio', 'httpx', 'hypercorn', 'quart', 'quart_trio', 'loguru', 'alibabacloud_tea_openapi'}; "
+        "code = main(); "
+        "heavy = {'trio', 'httpx', 'hypercorn', 'quart', 'quart_trio', 'loguru', 'alibabacloud_tea_openapi'}; "
         "print(code, sorted(name for name in sys.modules if name.split('.')[0] in heavy))"
     )
     with trio.fail_after(30):
-        result = await trio.run_process([sys.executable, "-c", probe], env=ENV, capture_stdout=True, capture_stderr=True)
+        result = await trio.run_process(
+            [sys.executable, "-c", probe], env=ENV, capture_stdout=True, capture_stderr=True
+        )
     assert result.stdout.decode().strip() == "1 []"
 
 

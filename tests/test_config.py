@@ -161,6 +161,11 @@ INT_RANGES = [
     ("Log", "Backups", 0, 100),
 ]
 
+#: Every [Credentials] Type, each a SourceType too.
+CREDENTIAL_TYPES = (
+    "auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn", "cli_profile", "credentials_file", "credentials_uri"
+)
+
 ACCEPTED: list[tuple[str, str, Any]] = [
     *((s, k, v) for s, k, low, high in INT_RANGES for v in (low, high)),
     ("Server", "HttpPort", 0),
@@ -186,10 +191,7 @@ ACCEPTED: list[tuple[str, str, Any]] = [
     ("KMS", "Endpoint", "[::1]"),
     ("KMS", "Protocol", "https"),
     ("KMS", "CaFilePath", ""),
-    *(
-        ("Credentials", "Type", t)
-        for t in ("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn", "cli_profile", "credentials_file", "credentials_uri")
-    ),
+    *(("Credentials", "Type", t) for t in CREDENTIAL_TYPES),
     ("Credentials", "RoleArn", ""),
     ("Credentials", "RoleArn", "acs:ram::1234567890123456:role/KmsReader.prod_1@x-y"),
     ("Credentials", "RoleSessionName", "ab"),
@@ -199,11 +201,12 @@ ACCEPTED: list[tuple[str, str, Any]] = [
     ("Credentials", "ExternalId", "ab"),
     ("Credentials", "ExternalId", "id+=,.@:/-_9" + "x" * 1212),
     ("Credentials", "Policy", ""),
-    ("Credentials", "Policy", '{"Version": "1", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}'),
-    *(
-        ("Credentials", "SourceType", t)
-        for t in ("auto", "ecs_ram_role", "access_key", "sts", "oidc_role_arn", "cli_profile", "credentials_file", "credentials_uri")
+    (
+        "Credentials",
+        "Policy",
+        '{"Version": "1", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}',
     ),
+    *(("Credentials", "SourceType", t) for t in CREDENTIAL_TYPES),
     ("Credentials", "StsEndpoint", ""),
     ("Credentials", "StsEndpoint", "sts-vpc.cn-shanghai.aliyuncs.com"),
     ("Credentials", "StsEndpoint", "127.0.0.1:8443"),
@@ -300,7 +303,7 @@ REJECTED: list[tuple[str, str, Any]] = [
     ("Credentials", "StsProtocol", "ftp"),
     ("Credentials", "Profile", "bad\nname"),
     ("Credentials", "Profile", "p" * 129),
-    ("Credentials", "CliConfigPath", "/tmp/a\x00b"),
+    ("Credentials", "CliConfigPath", "/tmp/a\x00b"),  # noqa: S108 - refused (a NUL), never opened
     ("Credentials", "CredentialsUri", "http://10.0.0.1/credentials"),
     ("Credentials", "CredentialsUri", "http://100.100.100.200/credentials"),
     ("Credentials", "CredentialsUri", "http://credentials.example/c"),
@@ -411,7 +414,7 @@ WRONG_TYPES: list[tuple[str, str, Any]] = [
     ("Credentials", "DurationSeconds", "3600"),
     ("Credentials", "AllowedRoleArns", [1]),
     ("Credentials", "Policy", {"Version": "1"}),
-    ("Log", "Path", {"dir": "/tmp"}),
+    ("Log", "Path", {"dir": "/tmp"}),  # noqa: S108 - refused (not a string), never opened
     ("Credentials", "RoleName", "\ud800"),  # a lone surrogate: has no UTF-8 form, so no TOML form
 ]
 

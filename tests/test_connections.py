@@ -20,11 +20,10 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.protocol.http_stream import HTTPStream
-from hypercorn.trio.task_group import TaskGroup
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import TOKEN, RunningAgent, StartAgent
-from kmsagent.connection import Connection, _Http11Only
+from kmsagent.connection import Connection, _AppInbox, _Exchanges, _Http11Only
 from kmsagent.emulator import Fault, KmsEmulator
 from kmsagent.server import MAX_REFUSING, OTHER_DESCRIPTORS, PING_RESERVE
 from test_cli import AGENT_ENV, agent_process, read_lines_until, write_config
@@ -212,16 +211,18 @@ async def test_sigterm_ends_the_agent_within_5_s_while_a_client_pipelines_and_ne
     (SEND_TIMEOUT, 10 s); at shutdown it now ends with the other requests' grace (3 s)."""
     emulator.put_secret("big", "b" * 30_000)
     config = write_config(tmp_path, emulator.endpoint)
-    async with agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent:
-        async with await open_unread_stream(agent.port) as stream:
-            await stream.send_all(http_request("/secretsmanager/get?secretId=big") * 500)
-            with trio.fail_after(10):
-                assert (await stream.receive_some(1)) == b"H"  # answering has begun; nothing more is read
-            agent.process.send_signal(signal.SIGTERM)
-            started = trio.current_time()
-            with trio.fail_after(8):
-                assert await agent.process.wait() == 0
-            assert trio.current_time() - started < 5, "SPEC §1: exit within 5 s of SIGTERM"
+    async with (
+        agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent,
+        await open_unread_stream(agent.port) as stream,
+    ):
+        await stream.send_all(http_request("/secretsmanager/get?secretId=big") * 500)
+        with trio.fail_after(10):
+            assert (await stream.receive_some(1)) == b"H"  # answering has begun; nothing more is read
+        agent.process.send_signal(signal.SIGTERM)
+        started = trio.current_time()
+        with trio.fail_after(8):
+            assert await agent.process.wait() == 0
+        assert trio.current_time() - started < 5, "SPEC §1: exit within 5 s of SIGTERM"
 
 
 def _open_files(pid: int) -> tuple[int, int]:
@@ -293,7 +294,7 @@ async def test_a_closed_connection_leaves_no_cyclic_garbage(start_agent: StartAg
         http_request("/secretsmanager/get?secretId=api-key&refreshNow=true"),  # waits for KMS
         b"",  # connects and leaves
     ]
-    kept = (Connection, _Http11Only, HTTPStream, TaskGroup)
+    kept = (Connection, _Http11Only, HTTPStream, _Exchanges, _AppInbox)
     gc.collect()
     gc.disable()
     try:

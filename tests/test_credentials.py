@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import itertools
 import json
 import ssl
 import time
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
+from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent, eventually, read_for
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import Credentials
 from kmsagent.credentials.base import parse_expiration
@@ -51,19 +52,11 @@ def ecs_role(metadata: MetadataEmulator, wall_clock: Callable[[], float], **conf
     return EcsRamRoleCredentials(CredentialsConfig(**settings), clock=wall_clock)  # type: ignore[arg-type]
 
 
-async def read_for(agent_get: Callable[[], object], seconds: float, every: float) -> list[tuple[float, int]]:
-    """(virtual time, status) of a read every `every` seconds for `seconds`."""
-    statuses = []
-    started = trio.current_time()
-    while trio.current_time() - started < seconds:
-        response = await agent_get()  # type: ignore[misc]
-        statuses.append((trio.current_time() - started, response.status_code))
-        await trio.sleep(every)
-    return statuses
-
-
 async def test_renewals_come_before_expiry_and_reads_never_fail(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
     statuses = await read_for(lambda: agent.get(SECRET_PATH), seconds=60, every=0.5)
@@ -71,13 +64,16 @@ async def test_renewals_come_before_expiry_and_reads_never_fail(
     renewals = len(metadata.issued) - 1
     assert renewals >= 3
     # Each renewal came min(RenewBeforeSeconds = 15 s, a third of the 20 s lifetime) before expiry.
-    for previous, following in zip(metadata.issued, metadata.issued[1:]):
+    for previous, following in itertools.pairwise(metadata.issued):
         minted_at = following.expires_at - metadata.lifetime
         assert minted_at == pytest.approx(previous.expires_at - 20 / 3, abs=1)  # Expiration has whole seconds
 
 
 async def test_a_metadata_outage_keeps_old_credentials_until_expiry_then_502_then_recovers(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
     assert (await agent.get(SECRET_PATH)).status_code == 200
@@ -97,7 +93,10 @@ async def test_a_metadata_outage_keeps_old_credentials_until_expiry_then_502_the
 
 
 async def test_a_502_before_credentials_names_the_metadata_service(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata.outage = True
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock))
@@ -109,7 +108,11 @@ async def test_a_502_before_credentials_names_the_metadata_service(
 
 @pytest.mark.parametrize("require_token", [True, False])
 async def test_hardened_mode_sends_the_token_on_every_get(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, require_token: bool
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    require_token: bool,
 ) -> None:
     metadata.require_token = require_token
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock, disable_imdsv1=True))
@@ -119,7 +122,10 @@ async def test_hardened_mode_sends_the_token_on_every_get(
 
 
 async def test_without_the_token_api_imdsv1_is_the_fallback_unless_disabled(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata.token_api = False
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock))
@@ -130,7 +136,11 @@ async def test_without_the_token_api_imdsv1_is_the_fallback_unless_disabled(
 
 
 async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succeeds(
-    start_agent: StartAgent, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
 ) -> None:
     metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
     await nursery.start(metadata.serve)
@@ -138,7 +148,9 @@ async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succe
     assert (await agent.get(SECRET_PATH)).status_code == 200
     first = metadata.issued[-1]
     # KMS now says the security token expired, although its Expiration is an hour away.
-    emulator.add_credentials(first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1)
+    emulator.add_credentials(
+        first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1
+    )
     calls_before = emulator.call_count("api-key")
     response = await agent.get(SECRET_PATH)
     assert response.status_code == 200
@@ -149,7 +161,11 @@ async def test_an_expired_token_triggers_exactly_one_renewal_and_the_retry_succe
 
 @pytest.mark.parametrize("breakage", ["malformed", "failure_code", "wrong_role"])
 async def test_bad_metadata_answers_are_errors(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, breakage: str
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    breakage: str,
 ) -> None:
     role = "NotTheRole" if breakage == "wrong_role" else ""
     metadata.malformed = breakage == "malformed"
@@ -160,7 +176,11 @@ async def test_bad_metadata_answers_are_errors(
 
 
 async def test_no_credential_value_reaches_a_log_line_at_debug(
-    start_agent: StartAgent, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, captured_logs: list[str]
+    start_agent: StartAgent,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    captured_logs: list[str],
 ) -> None:
     agent = await start_agent(credentials=ecs_role(metadata, wall_clock), cache={"ttl_seconds": 0})
     await read_for(lambda: agent.get(SECRET_PATH), seconds=12, every=1)  # a renewal at ~5 s
@@ -183,7 +203,11 @@ TOKEN_EXPIRED = Fault(status=400, code="InvalidSecurityToken.Expired", message="
 
 
 async def test_kms_rejecting_every_call_renews_at_most_once_per_5_seconds(
-    start_agent: StartAgent, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
 ) -> None:
     """It made 286 metadata fetches for 300 reads (150 here); the lifetime is long: no renewal is due."""
     metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
@@ -203,7 +227,10 @@ async def test_kms_rejecting_every_call_renews_at_most_once_per_5_seconds(
 
 
 async def test_concurrent_rejections_share_one_renewal_and_later_ones_wait_5_seconds(
-    nursery: trio.Nursery, metadata: MetadataEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery,
+    metadata: MetadataEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     source = ecs_role(metadata, wall_clock, renew_before_seconds=5)
     metadata.lifetime = 3600
@@ -259,7 +286,7 @@ def test_an_expiration_is_parsed_in_every_iso_8601_form(text: str, expected: flo
 
 @pytest.mark.parametrize("text", ["", "tomorrow", "2026-13-01T00:00:00Z", "1767225600"])
 def test_an_expiration_that_is_not_a_time_is_refused(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # noqa: PT011 - the promise is the type; the text is datetime's
         parse_expiration(text)
 
 
@@ -273,14 +300,18 @@ class ExpirationFormMetadata(MetadataEmulator):
     def _credentials(self) -> HttpResponse:
         response = super()._credentials()
         document = json.loads(response.body)
-        moment = datetime.datetime.fromtimestamp(self.issued[-1].expires_at, datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(self.issued[-1].expires_at, datetime.UTC)
         document["Expiration"] = self.form(moment)
         return HttpResponse(response.status, response.headers, json.dumps(document).encode())
 
 
 @pytest.mark.parametrize("form", EXPIRATION_FORMS, ids=list(EXPIRATION_FORMS))
 async def test_the_renewal_schedule_follows_every_expiration_form(
-    nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock, form: str
+    nursery: trio.Nursery,
+    emulator: KmsEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
+    form: str,
 ) -> None:
     metadata = ExpirationFormMetadata(emulator, lifetime=3600, clock=wall_clock, form=EXPIRATION_FORMS[form])
     await nursery.start(metadata.serve)
@@ -289,8 +320,8 @@ async def test_the_renewal_schedule_follows_every_expiration_form(
     credentials = await source.current()  # a refused Expiration leaves none: UpstreamUnavailable
     precision = 1.0 if form in ("Z", "+08:00", "naive (UTC)") else 0.001  # whole seconds, or finer
     assert credentials.expiration == pytest.approx(metadata.issued[0].expires_at, abs=precision)
-    while len(metadata.issued) < 2:
-        await trio.sleep(60)
+    # Renewed before the first credentials expire (virtual time: a look a minute costs nothing).
+    await eventually(lambda: len(metadata.issued) >= 2, seconds=3600, interval=60)
     minted = [issued.expires_at - metadata.lifetime for issued in metadata.issued]
     assert minted[1] - minted[0] == pytest.approx(3600 - 900, abs=precision + 0.1)
 
@@ -309,7 +340,9 @@ class FakeOidcProvider:
 
         if self.fail:
             raise RuntimeError(f"error retrieving credentials result: {{'AccessKeySecret': '{AK_SECRET}'}}")
-        return SdkCredentials(access_key_id="STS.oidc", access_key_secret=AK_SECRET, security_token="tok", expiration=2_000_000_000)
+        return SdkCredentials(
+            access_key_id="STS.oidc", access_key_secret=AK_SECRET, security_token="tok", expiration=2_000_000_000
+        )
 
 
 async def test_the_oidc_wrapper_converts_and_never_quotes_errors() -> None:
@@ -325,7 +358,7 @@ async def test_the_oidc_wrapper_converts_and_never_quotes_errors() -> None:
 
 def make_ca_and_server_cert(folder: Path) -> tuple[Path, ssl.SSLContext]:
     """A self-signed CA (written as PEM) and a server context for 127.0.0.1 signed by it."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kmsagent test CA")])
     ca = (
@@ -376,7 +409,9 @@ class TestDedicatedGateway:
         gateway = KmsEmulator()
         gateway.add_credentials(AK_ID, AK_SECRET)
         gateway.put_secret("gw-secret", "value-of-gw-secret-Tz6")
-        port = await nursery.start(lambda task_status: gateway.serve(ssl_context=server_context, task_status=task_status))
+        port = await nursery.start(
+            lambda task_status: gateway.serve(ssl_context=server_context, task_status=task_status)
+        )
         kms = {"endpoint": f"127.0.0.1:{port}", "protocol": "https", "max_retries": 0}
         trusted = await start_agent(kms={**kms, "ca_file_path": str(ca_path)})
         response = await trusted.get("/v1/gw-secret")

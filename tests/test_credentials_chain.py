@@ -30,7 +30,14 @@ OIDC_ENV = {
     "ALIBABA_CLOUD_OIDC_TOKEN_FILE": "/var/run/secrets/token",
 }
 AK_ENV = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
-SOURCES = ["access_key (environment)", "oidc_role_arn", "cli_profile", "credentials_file", "ecs_ram_role", "credentials_uri"]
+SOURCES = [
+    "access_key (environment)",
+    "oidc_role_arn",
+    "cli_profile",
+    "credentials_file",
+    "ecs_ram_role",
+    "credentials_uri",
+]
 
 
 @pytest.fixture
@@ -48,15 +55,26 @@ async def silent_endpoint(nursery: trio.Nursery) -> str:
 
 
 @pytest.fixture
-async def everything(tmp_path: Path, nursery: trio.Nursery, emulator: KmsEmulator) -> tuple[dict[str, str], CredentialsConfig]:
+async def everything(
+    tmp_path: Path, nursery: trio.Nursery, emulator: KmsEmulator
+) -> tuple[dict[str, str], CredentialsConfig]:
     """Every source of the chain there at once: an environment and a config."""
     home = tmp_path / "home"
     (home / ".aliyun").mkdir(parents=True)
     (home / ".aliyun" / "config.json").write_text(
-        json.dumps({"current": "default", "profiles": [{"name": "default", "mode": "AK", "access_key_id": "LTAIcli", "access_key_secret": "cli-sk"}]})
+        json.dumps(
+            {
+                "current": "default",
+                "profiles": [
+                    {"name": "default", "mode": "AK", "access_key_id": "LTAIcli", "access_key_secret": "cli-sk"}
+                ],
+            }
+        )
     )
     (home / ".alibabacloud").mkdir()
-    (home / ".alibabacloud" / "credentials.ini").write_text("[default]\ntype = access_key\naccess_key_id = LTAIini\naccess_key_secret = ini-sk\n")
+    (home / ".alibabacloud" / "credentials.ini").write_text(
+        "[default]\ntype = access_key\naccess_key_id = LTAIini\naccess_key_secret = ini-sk\n"
+    )
     metadata = MetadataEmulator(emulator)
     await nursery.start(metadata.serve)
     uri = CredentialsUriEmulator(emulator)
@@ -136,7 +154,10 @@ async def test_no_source_there_names_every_source_tried(
     assert "\n" not in message and message.startswith("no credentials found; tried: ")
     for part in (
         "environment (ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET not set)",
-        "oidc_role_arn (ALIBABA_CLOUD_ROLE_ARN, ALIBABA_CLOUD_OIDC_PROVIDER_ARN, ALIBABA_CLOUD_OIDC_TOKEN_FILE not all set)",
+        (
+            "oidc_role_arn (ALIBABA_CLOUD_ROLE_ARN, ALIBABA_CLOUD_OIDC_PROVIDER_ARN, ALIBABA_CLOUD_OIDC_TOKEN_FILE "
+            "not all set)"
+        ),
         f"cli_profile ({tmp_path}/.aliyun/config.json: not found)",
         f"credentials_file ({tmp_path}/.alibabacloud/credentials.ini: not found)",
         f"ecs_ram_role ({silent_endpoint} did not answer within 2 s (not an ECS instance))",
@@ -149,7 +170,10 @@ async def test_no_source_there_names_every_source_tried(
     ("env", "reason"),
     [
         ({"ALIBABA_CLOUD_CLI_PROFILE_DISABLED": "true", "ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true"}, "=true"),
-        ({"ALIBABA_CLOUD_CREDENTIALS_URI": "http://10.1.1.1/c"}, "ALIBABA_CLOUD_CREDENTIALS_URI must be an https:// URL"),
+        (
+            {"ALIBABA_CLOUD_CREDENTIALS_URI": "http://10.1.1.1/c"},
+            "ALIBABA_CLOUD_CREDENTIALS_URI must be an https:// URL",
+        ),
     ],
 )
 async def test_switches_and_a_bad_uri_are_named(tmp_path: Path, env: dict[str, str], reason: str) -> None:
@@ -164,11 +188,15 @@ async def test_switches_and_a_bad_uri_are_named(tmp_path: Path, env: dict[str, s
 
 async def test_a_refused_metadata_endpoint_is_not_there(tmp_path: Path) -> None:
     config = CredentialsConfig(metadata_endpoint="http://127.0.0.1:9")
-    with pytest.raises(CredentialsUnavailable, match=r"ecs_ram_role \(http://127.0.0.1:9 cannot be reached \(ConnectError\)\)"):
+    with pytest.raises(
+        CredentialsUnavailable, match=r"ecs_ram_role \(http://127.0.0.1:9 cannot be reached \(ConnectError\)\)"
+    ):
         await credential_source(config, {"HOME": str(tmp_path)})
 
 
-async def test_a_metadata_service_without_a_role_is_not_there(tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery) -> None:
+async def test_a_metadata_service_without_a_role_is_not_there(
+    tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery
+) -> None:
     metadata = MetadataEmulator(emulator, role="")
     await nursery.start(metadata.serve)
     config = CredentialsConfig(metadata_endpoint=str(metadata.endpoint))
@@ -203,7 +231,9 @@ async def test_an_explicit_type_is_that_source(kind: str, env: dict[str, str], e
         ("credentials_uri", {}, "ALIBABA_CLOUD_CREDENTIALS_URI"),
     ],
 )
-async def test_an_explicit_type_without_its_variables_is_a_start_error(kind: str, env: dict[str, str], named: str) -> None:
+async def test_an_explicit_type_without_its_variables_is_a_start_error(
+    kind: str, env: dict[str, str], named: str
+) -> None:
     config = CredentialsConfig(type=kind)
     with pytest.raises(CredentialsUnavailable, match=named):
         await credential_source(config, env)
@@ -216,14 +246,16 @@ def test_check_credentials_follows_the_source_type_and_lets_auto_pass(tmp_path: 
     check_credentials(CredentialsConfig(), env)
     check_credentials(CredentialsConfig(type="ecs_ram_role"), env)
     role = CredentialsConfig(type="ram_role_arn", role_arn="acs:ram::1:role/r", source_type="cli_profile")
-    with pytest.raises(CredentialsUnavailable, match='Type = "cli_profile".*config.json: not found'):
+    with pytest.raises(CredentialsUnavailable, match=r'Type = "cli_profile".*config\.json: not found'):
         check_credentials(role, env)
 
 
 # --- the agent process ---------------------------------------------------------------------------
 
 
-async def test_on_a_laptop_auto_exits_1_naming_every_source_within_seconds(tmp_path: Path, silent_endpoint: str) -> None:
+async def test_on_a_laptop_auto_exits_1_naming_every_source_within_seconds(
+    tmp_path: Path, silent_endpoint: str
+) -> None:
     """Issue 11: the agent retried 100.100.100.200 for ever and logged a role "discovered" before
     anything answered; the README promises exit 1."""
     config = write_config(tmp_path, "127.0.0.1:1").read_text().replace("http://127.0.0.1:9", silent_endpoint)
@@ -244,7 +276,13 @@ async def test_on_a_laptop_auto_exits_1_naming_every_source_within_seconds(tmp_p
     stderr = result.stderr.decode()
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("kmsagent: no credentials found; tried: environment (") and "Traceback" not in stderr
-    for source in ("oidc_role_arn (", "cli_profile (", "credentials_file (", f"ecs_ram_role ({silent_endpoint} did not answer", "credentials_uri ("):
+    for source in (
+        "oidc_role_arn (",
+        "cli_profile (",
+        "credentials_file (",
+        f"ecs_ram_role ({silent_endpoint} did not answer",
+        "credentials_uri (",
+    ):
         assert source in last
     assert b"listening" not in result.stdout and "role via" not in stderr
 

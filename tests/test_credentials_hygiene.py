@@ -17,9 +17,9 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import AK_ID, AK_SECRET, StartAgent
+from conftest import AK_ID, AK_SECRET, StartAgent, eventually
 from kmsagent.config import CredentialsConfig
-from kmsagent.credentials import Credentials, StaticCredentials, credential_source, profiles
+from kmsagent.credentials import Credentials, CredentialsUnavailable, StaticCredentials, credential_source, profiles
 from kmsagent.credentials.sts import AssumeRoleSession, RoleRequest, StsEndpoint
 from kmsagent.emulator import CredentialsUriEmulator, KmsEmulator, StsEmulator
 from kmsagent.logs import QUIET_LIBRARIES
@@ -70,7 +70,9 @@ class TestStsAnswers:
         good = StaticCredentials(Credentials(SOURCE_KEY, SOURCE_SECRET, SOURCE_TOKEN), "source")
         endpoint = StsEndpoint(str(sts.endpoint), "http")
         role = sts.add_role("reader", secrets=["api-key"])
-        session = AssumeRoleSession(good, RoleRequest(role, duration_seconds=900), endpoint, renew_before=900, clock=clock)
+        session = AssumeRoleSession(
+            good, RoleRequest(role, duration_seconds=900), endpoint, renew_before=900, clock=clock
+        )
         agent = await start_agent(credentials=session, cache={"ttl_seconds": 0})
         sweep = Sweep()
         statuses = set()
@@ -112,21 +114,28 @@ async def test_files_and_uris_leave_no_key_secret_or_token(
     sweep = Sweep()
     # A CLI profile file that breaks with its secret on the bad line, then is fixed.
     path = tmp_path / "config.json"
-    good = {"current": "p", "profiles": [{"name": "p", "mode": "AK", "access_key_id": AK_ID, "access_key_secret": AK_SECRET}]}
+    good = {
+        "current": "p",
+        "profiles": [{"name": "p", "mode": "AK", "access_key_id": AK_ID, "access_key_secret": AK_SECRET}],
+    }
     path.write_text(json.dumps(good))
     source = await credential_source(CredentialsConfig(type="cli_profile", cli_config_path=str(path)), {})
     agent = await start_agent(credentials=source)
     assert await sweep.read(agent, "/v1/api-key") == 200
-    path.write_text('{"current": "p", "profiles": [{"name": "p", "mode": "AK", "access_key_id": "' + AK_ID + '",\n"access_key_secret": "' + AK_SECRET + '" oops}]}')
+    path.write_text(
+        '{"current": "p", "profiles": [{"name": "p", "mode": "AK", "access_key_id": "'
+        + AK_ID
+        + '",\n"access_key_secret": "'
+        + AK_SECRET
+        + '" oops}]}'
+    )
     os.utime(path, ns=(0, time.time_ns() + 10**9))
-    with trio.fail_after(5):
-        while not any("not valid JSON" in line for line in captured_logs):
-            await trio.sleep(0.02)
+    await eventually(lambda: any("not valid JSON" in line for line in captured_logs), seconds=5)
     assert await sweep.read(agent, "/v1/db/password") == 200  # the last good credentials
     ini = tmp_path / "credentials.ini"
     ini.write_text(f"[default]\ntype = access_key\naccess_key_id {AK_ID}\naccess_key_secret = {AK_SECRET}\n")
     broken = CredentialsConfig(type="credentials_file", credentials_file=str(ini))
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(CredentialsUnavailable) as caught:
         await credential_source(broken, {})
     sweep.outputs.append(str(caught.value))
     # A credentials URI with a token in its query string, renewed and then down.
@@ -137,13 +146,13 @@ async def test_files_and_uris_leave_no_key_secret_or_token(
     )
     uri_agent = await start_agent(credentials=from_uri, cache={"ttl_seconds": 0})
     assert await sweep.read(uri_agent, "/v1/api-key") == 200
-    with trio.fail_after(5):  # a renewal a third of 3 s before expiry
-        while len(uri.issued) < 2:
-            await trio.sleep(0.05)
+    await eventually(lambda: len(uri.issued) >= 2, seconds=5, interval=0.05)  # renewed a third of 3 s before expiry
+
+    async def refused() -> bool:
+        return await sweep.read(uri_agent, "/v1/api-key") == 502
+
     uri.outage = True
-    with trio.fail_after(6):  # kept until they expire, then 502
-        while await sweep.read(uri_agent, "/v1/api-key") != 502:
-            await trio.sleep(0.2)
+    await eventually(refused, seconds=6, interval=0.2)  # kept until they expire, then 502
     assert len(uri.issued) >= 2
     material = [AK_ID, AK_SECRET, URI_QUERY_TOKEN]
     for issued in uri.issued:

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
+from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent, eventually
 from kmsagent.config import CredentialsConfig
-from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source
-from kmsagent.credentials import profiles
+from kmsagent.credentials import CredentialsUnavailable, check_credentials, credential_source, profiles
 from kmsagent.credentials.oidc import OidcRoleCredentials
 from kmsagent.credentials.profiles import (
     EcsSpec,
@@ -50,7 +48,10 @@ def cli_file(*profiles: dict[str, Any], current: str = "default") -> bytes:
     ("profile", "expected"),
     [
         ({"mode": "AK", "access_key_id": "id", "access_key_secret": "sk"}, StaticSpec("id", "sk")),
-        ({"mode": "StsToken", "access_key_id": "id", "access_key_secret": "sk", "sts_token": "t"}, StaticSpec("id", "sk", "t")),
+        (
+            {"mode": "StsToken", "access_key_id": "id", "access_key_secret": "sk", "sts_token": "t"},
+            StaticSpec("id", "sk", "t"),
+        ),
         ({"mode": "EcsRamRole", "ram_role_name": "r"}, EcsSpec("r")),
         (
             {
@@ -68,7 +69,13 @@ def cli_file(*profiles: dict[str, Any], current: str = "default") -> bytes:
             RoleSpec(StaticSpec("id", "sk"), RoleRequest(ROLE, "s1", 1800, "ext", "{}"), "cn-beijing", True),
         ),
         (
-            {"mode": "RamRoleArn", "access_key_id": "id", "access_key_secret": "sk", "ram_role_arn": ROLE, "expired_seconds": 0},
+            {
+                "mode": "RamRoleArn",
+                "access_key_id": "id",
+                "access_key_secret": "sk",
+                "ram_role_arn": ROLE,
+                "expired_seconds": 0,
+            },
             RoleSpec(StaticSpec("id", "sk"), RoleRequest(ROLE, "kmsagent", 3600)),  # the CLI writes 0 for "not set"
         ),
         (
@@ -103,27 +110,68 @@ def test_a_chainable_role_signs_with_its_source_profile() -> None:
 @pytest.mark.parametrize(
     ("raw", "profile", "message"),
     [
-        (b'{"current": "default",\n "profiles": [\n  {"name": "default", "access_key_secret": "' + SECRET_ON_BAD_LINE.encode() + b'" "mode": "AK"}\n]}', "", "line 3: not valid JSON"),
+        (
+            b'{"current": "default",\n "profiles": [\n  {"name": "default", "access_key_secret": "'
+            + SECRET_ON_BAD_LINE.encode()
+            + b'" "mode": "AK"}\n]}',
+            "",
+            "line 3: not valid JSON",
+        ),
         (b'{"profiles": []}\n\xff' + SECRET_ON_BAD_LINE.encode(), "", "line 2: not UTF-8"),
         (b"[1, 2]", "", "not a JSON object"),
         (cli_file(), "", "no profile 'default'"),
         (cli_file({"name": "default", "mode": "AK"}), "other", "no profile 'other'"),
-        (cli_file({"name": "default", "mode": "AK", "access_key_id": "id"}), "", "profile 'default': access_key_secret is missing"),
-        (cli_file({"name": "default", "mode": "CloudSSO"}), "", "mode CloudSSO is not supported"),
-        (cli_file({"name": "default", "mode": f"x {SECRET_ON_BAD_LINE}"}), "", "mode (not a mode name) is not supported"),
-        (cli_file({"name": "default", "mode": "AK", "access_key_id": 5, "access_key_secret": "s"}), "", "access_key_id is not a string"),
         (
-            cli_file({"name": "default", "mode": "ChainableRamRoleArn", "source_profile": "default", "ram_role_arn": ROLE}),
+            cli_file({"name": "default", "mode": "AK", "access_key_id": "id"}),
+            "",
+            "profile 'default': access_key_secret is missing",
+        ),
+        (cli_file({"name": "default", "mode": "CloudSSO"}), "", "mode CloudSSO is not supported"),
+        (
+            cli_file({"name": "default", "mode": f"x {SECRET_ON_BAD_LINE}"}),
+            "",
+            "mode (not a mode name) is not supported",
+        ),
+        (
+            cli_file({"name": "default", "mode": "AK", "access_key_id": 5, "access_key_secret": "s"}),
+            "",
+            "access_key_id is not a string",
+        ),
+        (
+            cli_file(
+                {"name": "default", "mode": "ChainableRamRoleArn", "source_profile": "default", "ram_role_arn": ROLE}
+            ),
             "",
             "source_profile chain loops",
         ),
         (
-            cli_file({"name": "default", "mode": "RamRoleArn", "access_key_id": "i", "access_key_secret": "s", "ram_role_arn": ROLE, "expired_seconds": 60}),
+            cli_file(
+                {
+                    "name": "default",
+                    "mode": "RamRoleArn",
+                    "access_key_id": "i",
+                    "access_key_secret": "s",
+                    "ram_role_arn": ROLE,
+                    "expired_seconds": 60,
+                }
+            ),
             "",
             "expired_seconds must be 900..43200",
         ),
     ],
-    ids=["bad-json", "not-utf8", "not-object", "no-profile", "no-named-profile", "missing-field", "mode", "odd-mode", "type", "loop", "duration"],
+    ids=[
+        "bad-json",
+        "not-utf8",
+        "not-object",
+        "no-profile",
+        "no-named-profile",
+        "missing-field",
+        "mode",
+        "odd-mode",
+        "type",
+        "loop",
+        "duration",
+    ],
 )
 def test_cli_errors_name_file_line_and_kind_never_a_value(raw: bytes, profile: str, message: str) -> None:
     with pytest.raises(ProfileError) as caught:
@@ -178,7 +226,11 @@ def test_each_ini_type(section: str, expected: object) -> None:
     ("text", "profile", "message"),
     [
         (f"access_key_secret = {SECRET_ON_BAD_LINE}\n[default]\n", "", "line 1: a line before the first [section]"),
-        (f"[default]\ntype = access_key\naccess_key_secret {SECRET_ON_BAD_LINE}\n", "", 'line 3: not a "key = value" line'),
+        (
+            f"[default]\ntype = access_key\naccess_key_secret {SECRET_ON_BAD_LINE}\n",
+            "",
+            'line 3: not a "key = value" line',
+        ),
         (f"[default]\na = 1\na = {SECRET_ON_BAD_LINE}\n", "", "line 3: a key given twice"),
         ("[default]\n[default]\n", "", "line 2: a [section] given twice"),
         ("[other]\ntype = access_key\n", "", "no [default] section"),
@@ -198,13 +250,6 @@ def test_ini_errors_name_file_line_and_kind_never_a_value(text: str, profile: st
 
 
 @pytest.fixture
-async def sts(nursery: trio.Nursery, emulator: KmsEmulator) -> StsEmulator:
-    service = StsEmulator(emulator)
-    await nursery.start(service.serve)
-    return service
-
-
-@pytest.fixture
 async def metadata(nursery: trio.Nursery, emulator: KmsEmulator) -> MetadataEmulator:
     service = MetadataEmulator(emulator)
     await nursery.start(service.serve)
@@ -219,8 +264,18 @@ def settings(sts: StsEmulator, metadata: MetadataEmulator, **keys: Any) -> Crede
 
 CLI_PROFILES = {
     "AK": {"mode": "AK", "access_key_id": AK_ID, "access_key_secret": AK_SECRET},
-    "StsToken": {"mode": "StsToken", "access_key_id": "STS.file", "access_key_secret": "file-sk", "sts_token": "file-token-1"},
-    "RamRoleArn": {"mode": "RamRoleArn", "access_key_id": AK_ID, "access_key_secret": AK_SECRET, "ram_role_arn": "@role"},
+    "StsToken": {
+        "mode": "StsToken",
+        "access_key_id": "STS.file",
+        "access_key_secret": "file-sk",
+        "sts_token": "file-token-1",
+    },
+    "RamRoleArn": {
+        "mode": "RamRoleArn",
+        "access_key_id": AK_ID,
+        "access_key_secret": AK_SECRET,
+        "ram_role_arn": "@role",
+    },
     "ChainableRamRoleArn": {"mode": "ChainableRamRoleArn", "source_profile": "AK", "ram_role_arn": "@role"},
     "EcsRamRole": {"mode": "EcsRamRole", "ram_role_name": "KmsAgentRole"},
 }
@@ -237,7 +292,10 @@ async def test_a_cli_profile_signs_kms_calls(
 ) -> None:
     emulator.add_credentials("STS.file", "file-sk", "file-token-1")
     role = sts.add_role("reader")
-    entries = [{"name": name, **{k: role if v == "@role" else v for k, v in body.items()}} for name, body in CLI_PROFILES.items()]
+    entries = [
+        {"name": name, **{k: role if v == "@role" else v for k, v in body.items()}}
+        for name, body in CLI_PROFILES.items()
+    ]
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"current": "AK", "profiles": entries}))
     config = settings(sts, metadata, type="cli_profile", cli_config_path=str(path), profile=mode)
@@ -316,7 +374,9 @@ async def test_an_oidc_profile_builds_the_sdk_provider_with_its_settings(tmp_pat
     ("kind", "message"),
     [("cli_profile", "config.json: not found"), ("credentials_file", "credentials.ini: not found")],
 )
-async def test_an_explicit_profile_type_without_its_file_is_unavailable(tmp_path: Path, kind: str, message: str) -> None:
+async def test_an_explicit_profile_type_without_its_file_is_unavailable(
+    tmp_path: Path, kind: str, message: str
+) -> None:
     config = CredentialsConfig(type=kind)
     with pytest.raises(CredentialsUnavailable, match=f'Type = "{kind}": {tmp_path}.*{message}'):
         await credential_source(config, {"HOME": str(tmp_path)})
@@ -330,12 +390,6 @@ async def test_an_explicit_profile_type_without_its_file_is_unavailable(tmp_path
 @pytest.fixture
 def fast_watch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(profiles, "WATCH_INTERVAL", 0.02)
-
-
-async def wait_for(condition: Callable[[], object], seconds: float = 5) -> None:
-    with trio.fail_after(seconds):
-        while not condition():
-            await trio.sleep(0.02)
 
 
 def write(path: Path, text: str) -> None:
@@ -357,8 +411,13 @@ async def test_a_changed_file_is_read_again_and_a_broken_one_keeps_the_last_good
     assert (await source.current()).access_key_id == "LTAIfirst"
 
     # Broken: the bad line holds a secret; the log names file, line and kind, never the line.
-    write(path, '{"current": "default",\n "profiles": [{"name": "default", "mode": "AK",\n "access_key_secret": "' + SECRET_ON_BAD_LINE + '" "x": 1}]}')
-    await wait_for(lambda: any("not valid JSON" in line for line in captured_logs))
+    write(
+        path,
+        '{"current": "default",\n "profiles": [{"name": "default", "mode": "AK",\n "access_key_secret": "'
+        + SECRET_ON_BAD_LINE
+        + '" "x": 1}]}',
+    )
+    await eventually(lambda: any("not valid JSON" in line for line in captured_logs), seconds=5)
     assert (await source.current()).access_key_id == "LTAIfirst"
     errors = [line for line in captured_logs if "not valid JSON" in line]
     assert len(errors) == 1 and f"{path}: line 3: not valid JSON; keeping the last good credentials" in errors[0]
@@ -367,13 +426,13 @@ async def test_a_changed_file_is_read_again_and_a_broken_one_keeps_the_last_good
 
     # Gone: the same.
     path.unlink()
-    await wait_for(lambda: any("not found" in line for line in captured_logs))
+    await eventually(lambda: any("not found" in line for line in captured_logs), seconds=5)
     assert (await source.current()).access_key_id == "LTAIfirst"
 
     # Fixed with new keys: they are used from now on.
     profile.update(access_key_id="LTAIsecond", access_key_secret="second-secret-Bb2")
     write(path, json.dumps({"current": "default", "profiles": [profile]}))
-    await wait_for(lambda: source.builds == 2)
+    await eventually(lambda: source.builds == 2, seconds=5)
     assert (await source.current()).access_key_id == "LTAIsecond"
     assert any("is usable again" in line for line in captured_logs)
     text = "\n".join(captured_logs)
@@ -388,10 +447,15 @@ async def test_an_unchanged_profile_is_not_rebuilt_and_a_changed_role_replaces_t
     path = tmp_path / "credentials.ini"
 
     def ini(role: str, comment: str = "") -> str:
-        return f"{comment}[default]\ntype = ram_role_arn\naccess_key_id = {AK_ID}\naccess_key_secret = {AK_SECRET}\nrole_arn = {role}\n"
+        return (
+            f"{comment}[default]\ntype = ram_role_arn\n"
+            f"access_key_id = {AK_ID}\naccess_key_secret = {AK_SECRET}\nrole_arn = {role}\n"
+        )
 
     write(path, ini(first))
-    config = CredentialsConfig(type="credentials_file", credentials_file=str(path), sts_endpoint=str(sts.endpoint), sts_protocol="http")
+    config = CredentialsConfig(
+        type="credentials_file", credentials_file=str(path), sts_endpoint=str(sts.endpoint), sts_protocol="http"
+    )
     source = await credential_source(config, {})
     assert isinstance(source, ProfileCredentials)
     await nursery.start(source.run)
@@ -400,7 +464,7 @@ async def test_an_unchanged_profile_is_not_rebuilt_and_a_changed_role_replaces_t
     await trio.sleep(0.3)
     assert source.builds == 1 and len(sts.calls) == 1
     write(path, ini(second))
-    await wait_for(lambda: source.builds == 2)
-    await wait_for(lambda: len(sts.issued) == 2)
+    await eventually(lambda: source.builds == 2, seconds=5)
+    await eventually(lambda: len(sts.issued) == 2, seconds=5)
     assert [call.role_arn for call in sts.calls] == [first, second]
     assert (await source.current()).access_key_id == sts.issued[1].access_key_id

@@ -44,7 +44,11 @@ def triple(credentials: Any) -> tuple[str, str, str | None]:
     """(key id, secret, token) of an SDK answer or of our Credentials."""
     if isinstance(credentials, Credentials):
         return credentials.access_key_id, credentials.access_key_secret, credentials.security_token
-    return credentials.get_access_key_id(), credentials.get_access_key_secret(), credentials.get_security_token() or None
+    return (
+        credentials.get_access_key_id(),
+        credentials.get_access_key_secret(),
+        credentials.get_security_token() or None,
+    )
 
 
 async def sdk_credentials(provider: Any) -> tuple[str, str, str | None]:
@@ -137,7 +141,13 @@ async def test_ram_role_arn_provider(
 def write_cli_config(path: Path, role: str) -> None:
     profiles = [
         {"name": "ak", "mode": "AK", "access_key_id": AK_ID, "access_key_secret": AK_SECRET},
-        {"name": "sts", "mode": "StsToken", "access_key_id": STS_TOKEN_KEY, "access_key_secret": STS_TOKEN_SECRET, "sts_token": STS_TOKEN},
+        {
+            "name": "sts",
+            "mode": "StsToken",
+            "access_key_id": STS_TOKEN_KEY,
+            "access_key_secret": STS_TOKEN_SECRET,
+            "sts_token": STS_TOKEN,
+        },
         {
             "name": "role",
             "mode": "RamRoleArn",
@@ -168,7 +178,9 @@ async def test_cli_profile_provider(
     write_cli_config(path, role)
     point_sdk_at(sdk_cli_profile, tls_endpoint, monkeypatch)
     theirs = await sdk_credentials(CLIProfileCredentialsProvider(profile_file=str(path), profile_name=profile))
-    config = CredentialsConfig(type="cli_profile", cli_config_path=str(path), sts_endpoint=http_endpoint, sts_protocol="http")
+    config = CredentialsConfig(
+        type="cli_profile", cli_config_path=str(path), sts_endpoint=http_endpoint, sts_protocol="http"
+    )
     ours = await agent_credentials(await credential_source(config, {"ALIBABA_CLOUD_PROFILE": profile}), nursery)
     if profile == "role":
         same_assume_role_calls(service)
@@ -198,7 +210,11 @@ async def test_profile_provider(
     point_sdk_at(sdk_profile, tls_endpoint, monkeypatch)
     theirs = await sdk_credentials(ProfileCredentialsProvider(profile_file=str(path), profile_name=section))
     config = CredentialsConfig(
-        type="credentials_file", credentials_file=str(path), profile=section, sts_endpoint=http_endpoint, sts_protocol="http"
+        type="credentials_file",
+        credentials_file=str(path),
+        profile=section,
+        sts_endpoint=http_endpoint,
+        sts_protocol="http",
     )
     ours = await agent_credentials(await credential_source(config, {}), nursery)
     if section == "role":

@@ -7,9 +7,10 @@ refusing is a 403 with STS's code; the source credentials run inside the session
 
 from __future__ import annotations
 
+import itertools
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,7 +20,14 @@ import trio.testing
 from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import Credentials, CredentialSource, StaticCredentials, credential_source
-from kmsagent.credentials.sts import AssumeRoleSession, RoleRequest, StsEndpoint, StsRefused, assume_role_query, rpc_signature
+from kmsagent.credentials.sts import (
+    AssumeRoleSession,
+    RoleRequest,
+    StsEndpoint,
+    StsRefused,
+    assume_role_query,
+    rpc_signature,
+)
 from kmsagent.emulator import KmsEmulator, MetadataEmulator, StsEmulator
 
 SECRET_PATH = "/secretsmanager/get?secretId=api-key"
@@ -29,13 +37,6 @@ SECRET_PATH = "/secretsmanager/get?secretId=api-key"
 async def wall_clock(autojump_clock: trio.testing.MockClock) -> Callable[[], float]:
     offset = time.time() - trio.current_time()
     return lambda: offset + trio.current_time()
-
-
-@pytest.fixture
-async def sts(nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float]) -> StsEmulator:
-    service = StsEmulator(emulator, clock=wall_clock)
-    await nursery.start(service.serve)
-    return service
 
 
 def static_source() -> StaticCredentials:
@@ -109,7 +110,7 @@ def test_the_assume_role_query_is_the_sdks_byte_for_byte(
     with pytest.raises(_Captured):
         provider._refresh_credentials()
     request = RoleRequest("acs:ram::1234567890123456:role/kms-reader", "kmsagent", 1800, external_id, policy)
-    timestamp = datetime(2026, 11, 30, 12, tzinfo=timezone.utc).timestamp()
+    timestamp = datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp()
     credentials = Credentials(AK_ID, AK_SECRET, token)
     ours = assume_role_query(request, credentials, timestamp=timestamp, nonce="nonce-1", method="GET")
     assert ours == captured  # every parameter, the Signature of the SDK's GET included
@@ -151,7 +152,12 @@ async def test_a_session_reads_what_its_role_may_read_and_nothing_else(
     denied = await agent.get("/secretsmanager/get?secretId=db/password")
     assert (denied.status_code, denied.json()["Code"]) == (403, "Forbidden.NoPermission")
     [call] = sts.calls
-    assert (call.access_key_id, call.role_arn, call.session_name, call.duration_seconds) == (AK_ID, arn, "kmsagent", "3600")
+    assert (call.access_key_id, call.role_arn, call.session_name, call.duration_seconds) == (
+        AK_ID,
+        arn,
+        "kmsagent",
+        "3600",
+    )
 
 
 async def test_a_900_s_session_renews_every_600_s_not_in_a_loop(
@@ -165,7 +171,7 @@ async def test_a_900_s_session_renews_every_600_s_not_in_a_loop(
     await trio.sleep(3000)
     minted = minted_at(sts, 900)
     assert len(minted) == 6  # the first one and 5 renewals, at 600 s each
-    gaps = [later - earlier for earlier, later in zip(minted, minted[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(minted)]
     assert gaps == pytest.approx([600] * 5, abs=1)
 
 
@@ -215,7 +221,12 @@ async def test_sts_down_keeps_the_session_until_expiry_then_502_then_recovers(
     [("untrusted", "NoPermission"), ("no such role", "EntityNotExist.Role"), ("wrong external id", "NoPermission")],
 )
 async def test_an_sts_refusal_is_a_403_with_stss_code(
-    start_agent: StartAgent, sts: StsEmulator, wall_clock: Callable[[], float], captured_logs: list[str], setup: str, code: str,
+    start_agent: StartAgent,
+    sts: StsEmulator,
+    wall_clock: Callable[[], float],
+    captured_logs: list[str],
+    setup: str,
+    code: str,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     arn = f"acs:ram::{sts.account_id}:role/missing"
@@ -286,7 +297,9 @@ async def test_kms_rejecting_the_session_token_assumes_the_role_again(
     agent = await start_agent(credentials=session(sts, arn, wall_clock), cache={"ttl_seconds": 0})
     assert (await agent.get(SECRET_PATH)).status_code == 200
     first = sts.issued[0]
-    emulator.add_credentials(first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1)
+    emulator.add_credentials(
+        first.access_key_id, first.access_key_secret, first.security_token, expires_at=wall_clock() - 1
+    )
     assert (await agent.get(SECRET_PATH)).status_code == 200
     assert len(sts.issued) == 2 and emulator.calls[-1].access_key_id == sts.issued[1].access_key_id
 
@@ -303,7 +316,9 @@ async def test_sessions_of_two_roles_share_one_running_source(
     await nursery.start(own.run)
     endpoint = StsEndpoint(str(sts.endpoint), "http")
     roles = [
-        AssumeRoleSession(own, RoleRequest(sts.add_role(name)), endpoint, renew_before=900, clock=wall_clock, owns_source=False)
+        AssumeRoleSession(
+            own, RoleRequest(sts.add_role(name)), endpoint, renew_before=900, clock=wall_clock, owns_source=False
+        )
         for name in ("a", "b")
     ]
     for role in roles:
@@ -317,7 +332,11 @@ async def test_sessions_of_two_roles_share_one_running_source(
 
 
 async def test_ram_role_arn_signs_with_its_source_type(
-    start_agent: StartAgent, emulator: KmsEmulator, sts: StsEmulator, nursery: trio.Nursery, wall_clock: Callable[[], float],
+    start_agent: StartAgent,
+    emulator: KmsEmulator,
+    sts: StsEmulator,
+    nursery: trio.Nursery,
+    wall_clock: Callable[[], float],
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metadata = MetadataEmulator(emulator, lifetime=3600, clock=wall_clock)
@@ -338,7 +357,11 @@ async def test_ram_role_arn_signs_with_its_source_type(
     agent = await start_agent(credentials=source)
     assert (await agent.get(SECRET_PATH)).status_code == 200
     [call] = sts.calls
-    assert (call.access_key_id, call.session_name, call.duration_seconds) == (metadata.issued[0].access_key_id, "agent-1", "1200")
+    assert (call.access_key_id, call.session_name, call.duration_seconds) == (
+        metadata.issued[0].access_key_id,
+        "agent-1",
+        "1200",
+    )
     assert emulator.calls[-1].access_key_id == sts.issued[0].access_key_id
 
 
@@ -355,7 +378,9 @@ def test_the_sts_endpoint(endpoint: str, env: dict[str, str], expected: str) -> 
     assert StsEndpoint.of(endpoint, "https", region="cn-shanghai", env=env) == StsEndpoint(expected, "https")
     # A CLI profile's own sts_region wins over everything.
     assert StsEndpoint.of(endpoint, "https", region="cn-shanghai", env=env, profile_region="eu-central-1").host == (
-        "sts-vpc.eu-central-1.aliyuncs.com" if env.get("ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED") else "sts.eu-central-1.aliyuncs.com"
+        "sts-vpc.eu-central-1.aliyuncs.com"
+        if env.get("ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED")
+        else "sts.eu-central-1.aliyuncs.com"
     )
 
 

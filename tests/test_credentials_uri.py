@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SECRETS, StartAgent
+from conftest import SECRETS, StartAgent, read_for
 from kmsagent.config import CredentialsConfig
 from kmsagent.credentials import CredentialsUnavailable, credential_source
 from kmsagent.credentials.uri import UriCredentials
@@ -35,16 +36,6 @@ def source(uri: CredentialsUriEmulator, wall_clock: Callable[[], float], renew_b
     return UriCredentials(str(uri.uri), renew_before=renew_before, clock=wall_clock)
 
 
-async def read_for(agent_get: Callable[[], object], seconds: float, every: float) -> list[tuple[float, int]]:
-    statuses = []
-    started = trio.current_time()
-    while trio.current_time() - started < seconds:
-        response = await agent_get()  # type: ignore[misc]
-        statuses.append((trio.current_time() - started, response.status_code))
-        await trio.sleep(every)
-    return statuses
-
-
 async def test_uri_credentials_renew_a_third_of_their_lifetime_before_expiry(
     start_agent: StartAgent,
     emulator: KmsEmulator,
@@ -57,12 +48,15 @@ async def test_uri_credentials_renew_a_third_of_their_lifetime_before_expiry(
     assert {status for _, status in statuses} == {200}
     minted = [issued.expires_at - uri.lifetime for issued in uri.issued]
     assert len(minted) == 6  # at 0, 40, 80, 120, 160, 200 s: min(900, 60 / 3) = 20 s before expiry
-    assert [later - earlier for earlier, later in zip(minted, minted[1:])] == pytest.approx([40] * 5, abs=1)
+    assert [later - earlier for earlier, later in itertools.pairwise(minted)] == pytest.approx([40] * 5, abs=1)
     assert emulator.calls[-1].access_key_id in {issued.access_key_id for issued in uri.issued[-2:]}
 
 
 async def test_a_uri_outage_keeps_the_credentials_until_expiry_then_502_then_recovers(
-    start_agent: StartAgent, uri: CredentialsUriEmulator, wall_clock: Callable[[], float], autojump_clock: trio.testing.MockClock
+    start_agent: StartAgent,
+    uri: CredentialsUriEmulator,
+    wall_clock: Callable[[], float],
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     agent = await start_agent(credentials=source(uri, wall_clock), cache={"ttl_seconds": 0})
     assert (await agent.get(SECRET_PATH)).status_code == 200
@@ -89,7 +83,9 @@ async def test_bad_uri_answers_are_502(
     autojump_clock: trio.testing.MockClock,
     breakage: str,
 ) -> None:
-    service = CredentialsUriEmulator(emulator, clock=wall_clock, path="/elsewhere" if breakage == "not_found" else "/credentials")
+    service = CredentialsUriEmulator(
+        emulator, clock=wall_clock, path="/elsewhere" if breakage == "not_found" else "/credentials"
+    )
     service.malformed = breakage == "malformed"
     service.failure_code = "Failed" if breakage == "failure_code" else None
     await nursery.start(service.serve)
@@ -103,7 +99,13 @@ async def test_bad_uri_answers_are_502(
 
 @pytest.mark.parametrize(
     "given",
-    ["http://10.0.0.5/credentials", "http://credentials.internal/c", "ftp://127.0.0.1/c", "https://user:pw@host/c", "not a url"],
+    [
+        "http://10.0.0.5/credentials",
+        "http://credentials.internal/c",
+        "ftp://127.0.0.1/c",
+        "https://user:pw@host/c",
+        "not a url",
+    ],
 )
 async def test_an_environment_uri_must_be_https_or_local_http(given: str) -> None:
     config = CredentialsConfig(type="credentials_uri")
@@ -117,7 +119,9 @@ async def test_the_uri_is_logged_without_its_query(
 ) -> None:
     with_token = f"{uri.uri}?token=uri-query-token-Qw3"
     from_config = await credential_source(CredentialsConfig(type="credentials_uri", credentials_uri=with_token), {})
-    from_env = await credential_source(CredentialsConfig(type="credentials_uri"), {"ALIBABA_CLOUD_CREDENTIALS_URI": with_token})
+    from_env = await credential_source(
+        CredentialsConfig(type="credentials_uri"), {"ALIBABA_CLOUD_CREDENTIALS_URI": with_token}
+    )
     for credentials in (from_config, from_env):
         assert credentials.kind == f"credentials_uri ({uri.uri})"
     with pytest.raises(CredentialsUnavailable, match="needs CredentialsUri or ALIBABA_CLOUD_CREDENTIALS_URI"):

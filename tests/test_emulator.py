@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import json
 import ssl
 import statistics
 import time
@@ -164,7 +165,7 @@ async def test_sdk_with_access_key_reads_the_secret(emulator: KmsEmulator, port:
     assert (body.secret_name, body.secret_data, body.secret_data_type) == (SECRET, VALUE, "text")
     assert body.secret_type == "Generic"
     assert body.version_stages.version_stage == ["ACSCurrent"]
-    assert dt.datetime.strptime(body.create_time, "%Y-%m-%dT%H:%M:%SZ")
+    assert dt.datetime.strptime(body.create_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
     assert body.request_id and body.next_rotation_date is None
     (call,) = emulator.calls
     assert (call.action, call.secret_name, call.access_key_id, call.status) == (
@@ -246,7 +247,7 @@ async def test_rotation_moves_stages_and_keeps_old_versions(
         assert (error.status_code, error.code) == (404, "Forbidden.ResourceNotFound"), fields
     with pytest.raises(KeyError):
         emulator.rotate("never-created", "x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="already has version"):
         emulator.rotate("rotating", "again", version_id=v1)
 
 
@@ -354,7 +355,7 @@ async def test_malformed_fault_truncates_json(emulator: KmsEmulator, port: int) 
     assert isinstance(await sdk_error(sdk_client(port)), UnretryableException)
     response = await signed_post(port)
     assert response.status_code == 200
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
         response.json()
 
 
@@ -368,7 +369,7 @@ async def test_fault_times_and_queue(emulator: KmsEmulator, port: int) -> None:
     emulator.clear_faults()
     assert (await signed_post(port)).status_code == 200
     assert emulator.call_count() == 8
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="times must be at least 1"):
         emulator.inject(Fault.server_error(), times=0)
 
 
@@ -656,7 +657,10 @@ async def test_sts_checks_like_the_gateway(sts: StsEmulator, clock: Clock) -> No
     assert sts_code(await call_sts(sts, tampered)) == (400, "SignatureDoesNotMatch")
     assert sts_code(await call_sts(sts, assume_role(role, method="GET", **ok))) == (400, "SignatureDoesNotMatch")
     assert sts_code(await call_sts(sts, assume_role(role, sk="wrong", **ok))) == (400, "SignatureDoesNotMatch")
-    assert sts_code(await call_sts(sts, assume_role(role, ak="LTAInobody", **ok))) == (404, "InvalidAccessKeyId.NotFound")
+    assert sts_code(await call_sts(sts, assume_role(role, ak="LTAInobody", **ok))) == (
+        404,
+        "InvalidAccessKeyId.NotFound",
+    )
     stale = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)
     assert sts_code(await call_sts(sts, assume_role(role, timestamp=stale, **ok))) == (400, "InvalidTimeStamp.Expired")
     assert sts_code(await call_sts(sts, assume_role(role, ak=STS_AK, sk=STS_SK, **ok))) == (
@@ -672,15 +676,23 @@ async def test_sts_checks_like_the_gateway(sts: StsEmulator, clock: Clock) -> No
         400,
         "InvalidParameter.RoleSessionName",
     )
-    assert sts_code(await call_sts(sts, assume_role(role, Policy="{not json", **ok))) == (400, "InvalidParameter.PolicyGrammar")
+    assert sts_code(await call_sts(sts, assume_role(role, Policy="{not json", **ok))) == (
+        400,
+        "InvalidParameter.PolicyGrammar",
+    )
     assert sts_code(await call_sts(sts, assume_role(role + "x", **ok))) == (404, "EntityNotExist.Role")
     assert sts_code(await call_sts(sts, assume_role(role))) == (403, "NoPermission")  # no ExternalId
     emulator_key = "LTAIuntrusted"
     sts.kms.add_credentials(emulator_key, "untrusted-secret")
-    assert sts_code(await call_sts(sts, assume_role(role, ak=emulator_key, sk="untrusted-secret", **ok))) == (403, "NoPermission")
+    assert sts_code(await call_sts(sts, assume_role(role, ak=emulator_key, sk="untrusted-secret", **ok))) == (
+        403,
+        "NoPermission",
+    )
     sts.kms.add_credentials("STS.expired", "expired-sk", "expired-token", expires_at=clock() - 1)
     sts.roles[role.lower()].trusted = None
-    assert sts_code(await call_sts(sts, assume_role(role, ak="STS.expired", sk="expired-sk", token="expired-token", **ok))) == (
+    assert sts_code(
+        await call_sts(sts, assume_role(role, ak="STS.expired", sk="expired-sk", token="expired-token", **ok))
+    ) == (
         400,
         "InvalidSecurityToken.Expired",
     )

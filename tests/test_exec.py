@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import AK_SECRET, TOKEN
+from conftest import AK_SECRET, TOKEN, eventually
 from kmsagent.config import ConfigError, parse_config, with_command
 from kmsagent.emulator import KmsEmulator
 from kmsagent.processes import child_environment, exit_status
@@ -61,12 +61,6 @@ def events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-async def eventually(condition: Any, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
-
-
 def exec_config(tmp_path: Path, endpoint: str, exec_table: str, ttl: int = 1) -> Path:
     path = write_config(tmp_path, endpoint)
     path.write_text(path.read_text() + f"\n[Cache]\nTtlSeconds = {ttl}\n[Exec]\n{exec_table}\n")
@@ -79,8 +73,8 @@ def child_argv(tmp_path: Path, mode: str = "wait") -> list[str]:
     return [sys.executable, str(script), str(tmp_path / "events"), mode]
 
 
-async def wait_exit(agent: AgentProcess, timeout: float) -> int:
-    with trio.fail_after(timeout):
+async def wait_exit(agent: AgentProcess, seconds: float) -> int:
+    with trio.fail_after(seconds):
         return await agent.process.wait()
 
 
@@ -130,7 +124,11 @@ async def test_the_child_gets_env_secrets_and_no_credentials_token_or_notify_var
             "exec-api-key-one-Mn4b",
         )
         assert child_env["APP_SETTING"] == "kept" and child_env["PATH"] == AGENT_ENV["PATH"]
-        leaked = [name for name in child_env if name.startswith("ALIBABA_CLOUD_") or "TOKEN" in name or name in env and "NOTIFY" in name]
+        leaked = [
+            name
+            for name in child_env
+            if name.startswith("ALIBABA_CLOUD_") or "TOKEN" in name or (name in env and "NOTIFY" in name)
+        ]
         assert leaked == [] and not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & set(child_env)
         assert AK_SECRET not in json.dumps(child_env) and TOKEN not in json.dumps(child_env)
         async with httpx.AsyncClient(timeout=10) as client:
@@ -154,7 +152,10 @@ async def test_a_change_restarts_the_child_once_with_the_new_values(tmp_path: Pa
         secrets.rotate("exec/key", "exec-api-key-two-Mn4b")
         await eventually(lambda: len([e for e in events(log) if e["event"] == "start"]) == 2)
         starts = [e for e in events(log) if e["event"] == "start"]
-        assert (starts[1]["env"]["DB_PASSWORD"], starts[1]["env"]["API_KEY"]) == ("exec-password-two-Tq7w", "exec-api-key-two-Mn4b")
+        assert (starts[1]["env"]["DB_PASSWORD"], starts[1]["env"]["API_KEY"]) == (
+            "exec-password-two-Tq7w",
+            "exec-api-key-two-Mn4b",
+        )
         assert [e.get("name") for e in events(log) if e["event"] == "signal"] == ["SIGINT"]  # StopSignal
         calls = secrets.call_count()
         await eventually(lambda: secrets.call_count() >= calls + 4)  # refreshes with unchanged values
@@ -198,7 +199,9 @@ async def test_the_childs_own_exit_stops_the_agent_with_its_status(
     tmp_path: Path, secrets: KmsEmulator, mode: str, status: int
 ) -> None:
     config = exec_config(tmp_path, secrets.endpoint, ENV_TABLE)
-    async with agent_process(["--config", str(config), "--", *child_argv(tmp_path, mode)], AGENT_ENV, tmp_path) as agent:
+    async with agent_process(
+        ["--config", str(config), "--", *child_argv(tmp_path, mode)], AGENT_ENV, tmp_path
+    ) as agent:
         assert await wait_exit(agent, 10) == status
     assert "the agent stops" in agent.stderr_path.read_text()
 
@@ -206,14 +209,16 @@ async def test_the_childs_own_exit_stops_the_agent_with_its_status(
 async def test_a_child_that_ignores_sigterm_is_killed_after_stop_timeout(tmp_path: Path, secrets: KmsEmulator) -> None:
     config = exec_config(tmp_path, secrets.endpoint, f"{ENV_TABLE}\nStopTimeoutSeconds = 1")
     log = tmp_path / "events"
-    async with agent_process(["--config", str(config), "--", *child_argv(tmp_path, "ignore-term")], AGENT_ENV, tmp_path) as agent:
+    async with agent_process(
+        ["--config", str(config), "--", *child_argv(tmp_path, "ignore-term")], AGENT_ENV, tmp_path
+    ) as agent:
         await eventually(lambda: events(log))
         child = events(log)[0]["pid"]
         started = trio.current_time()
         agent.process.send_signal(signal.SIGTERM)
         assert await wait_exit(agent, 1 + 2) == 128 + signal.SIGKILL  # SPEC: StopTimeoutSeconds + 2 s
         assert trio.current_time() - started >= 1
-    assert not Path(f"/proc/{child}").exists()
+    assert not await trio.Path(f"/proc/{child}").exists()
     assert "did not stop within 1s of SIGTERM: SIGKILL" in agent.stderr_path.read_text()
 
 
@@ -233,7 +238,11 @@ async def agent_process_through(prefix: list[str], args: list[str], tmp_path: Pa
     stderr_path = tmp_path / "stderr.txt"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [*prefix, sys.executable, "-m", "kmsagent", *args], env=AGENT_ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr
+            [*prefix, sys.executable, "-m", "kmsagent", *args],
+            env=AGENT_ENV,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
         )
     try:
         lines = await read_lines_until(process, "listening on http://127.0.0.1:")
@@ -253,19 +262,24 @@ async def test_the_child_cannot_read_the_agents_environment(tmp_path: Path, secr
     result = tmp_path / "result"
     probe = f"cat /proc/$PPID/environ > /dev/null 2> {result}.err; echo $? > {result}; exec sleep 1000.31"
     no_capabilities = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
-    async with agent_process_through(no_capabilities, ["--config", str(config), "--", "sh", "-c", probe], tmp_path) as agent:
+    async with agent_process_through(
+        no_capabilities, ["--config", str(config), "--", "sh", "-c", probe], tmp_path
+    ) as agent:
         await eventually(lambda: result.exists() and result.read_text().strip() != "")
         agent.process.send_signal(signal.SIGTERM)
         assert await wait_exit(agent, 5) == 128 + signal.SIGTERM  # sleep does not catch it
     assert result.read_text().strip() == "1"
-    assert "Permission denied" in Path(f"{result}.err").read_text()
+    assert "Permission denied" in await trio.Path(f"{result}.err").read_text()
 
 
 # --- Command line and config ---------------------------------------------------------------------
 
 
 def test_double_dash_needs_a_command_and_once_takes_none() -> None:
-    for args, message in ((["--"], "-- must be followed by a command"), (["--once", "--", "true"], "--once runs no program")):
+    for args, message in (
+        (["--"], "-- must be followed by a command"),
+        (["--once", "--", "true"], "--once runs no program"),
+    ):
         result = run_cli(*args, env=AGENT_ENV)
         assert result.returncode == 2
         assert_one_line(result.stderr)
@@ -276,7 +290,10 @@ def test_a_command_that_is_not_executable_exits_2(tmp_path: Path) -> None:
     result = run_cli("--", "no-such-program-x", env=AGENT_ENV)
     assert result.returncode == 2
     assert_one_line(result.stderr)
-    assert "[Exec] Command = ['no-such-program-x']: 'no-such-program-x' is not an executable file found in PATH" in result.stderr
+    assert (
+        "[Exec] Command = ['no-such-program-x']: 'no-such-program-x' is not an executable file found in PATH"
+        in result.stderr
+    )
 
 
 def exec_error(table: dict[str, Any], command: list[str] | None = None, **sections: Any) -> str:
@@ -312,7 +329,9 @@ def test_exec_config_errors(table: dict[str, Any], expected: str) -> None:
 
 
 def test_exec_rules_that_depend_on_the_command_line() -> None:
-    assert exec_error({}, ["true"], Cache={"TtlSeconds": 0}).startswith("[Cache] TtlSeconds = 0: must be at least 1 with [Exec]")
+    assert exec_error({}, ["true"], Cache={"TtlSeconds": 0}).startswith(
+        "[Cache] TtlSeconds = 0: must be at least 1 with [Exec]"
+    )
     assert "keep 2 secrets" in exec_error({"Env": {"A": "a", "B": "b#k"}}, ["true"], Cache={"CacheSize": 1})
     config = with_command(parse_config({"Exec": {"Command": ["false"], "Env": {"A": "a"}}}), ["true", "x"])
     assert config.exec.command == ("true", "x")  # `--` wins over Command
@@ -320,9 +339,21 @@ def test_exec_rules_that_depend_on_the_command_line() -> None:
 
 
 def test_the_child_environment_and_exit_statuses() -> None:
-    environ = {"PATH": "/bin", "ALIBABA_CLOUD_ACCESS_KEY_ID": "x", "KMS_TOKEN": "t", "MY_TOKEN": "t", "NOTIFY_SOCKET": "s", "WATCHDOG_PID": "1"}
+    environ = {
+        "PATH": "/bin",
+        "ALIBABA_CLOUD_ACCESS_KEY_ID": "x",
+        "KMS_TOKEN": "t",
+        "MY_TOKEN": "t",
+        "NOTIFY_SOCKET": "s",
+        "WATCHDOG_PID": "1",
+    }
     assert child_environment(environ, ["KMS_TOKEN"]) == {"PATH": "/bin", "MY_TOKEN": "t"}
-    assert (exit_status(0), exit_status(3), exit_status(-signal.SIGKILL), exit_status(-signal.SIGTERM)) == (0, 3, 137, 143)
+    assert (exit_status(0), exit_status(3), exit_status(-signal.SIGKILL), exit_status(-signal.SIGTERM)) == (
+        0,
+        3,
+        137,
+        143,
+    )
 
 
 def test_check_config_shows_the_command_line_command(tmp_path: Path) -> None:

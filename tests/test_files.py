@@ -20,15 +20,15 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import SECRET_MATERIAL, TOKEN
+from conftest import SECRET_MATERIAL, TOKEN, eventually
 from kmsagent import files
 from kmsagent.cache import Outcome, SecretCache
+from kmsagent.checks import CacheKey, SecretQuery
 from kmsagent.config import _FILE_KEYS, ConfigError, FileConfig, parse_config
 from kmsagent.emulator import KmsEmulator
 from kmsagent.files import OnChange, render, sync_file, write_atomic
-from kmsagent.kms import SecretValue
-from kmsagent.checks import CacheKey, SecretQuery
 from kmsagent.formats import response_format
+from kmsagent.kms import SecretValue
 from kmsagent.pinned import PinnedSecret
 from kmsagent.processes import run_bounded
 from kmsagent.refresher import Refresher
@@ -42,14 +42,9 @@ DB = '{"user": "app", "password": "files-db-password-Qw3e", "port": 5432, "tls.c
 
 
 def secret(data: str, *, binary: bool = False) -> SecretValue:
-    return SecretValue({"SecretName": "s", "SecretData": data, "VersionId": "v1", "SecretDataType": "binary" if binary else "text"})
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 10) -> None:
-    """Polls `condition` (state another process changes) until it holds, failing after `timeout`."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.02)
+    return SecretValue(
+        {"SecretName": "s", "SecretData": data, "VersionId": "v1", "SecretDataType": "binary" if binary else "text"}
+    )
 
 
 # --- Templates and rendering --------------------------------------------------------------------
@@ -81,7 +76,9 @@ def test_a_malformed_template_is_an_error(template: str, where: str) -> None:
         parse_template(template)
 
 
-@pytest.mark.parametrize(("data", "message"), [("plain text", "not JSON"), ("[1, 2]", "not an object"), ('{"a": 1}', 'no key "user"')])
+@pytest.mark.parametrize(
+    ("data", "message"), [("plain text", "not JSON"), ("[1, 2]", "not an object"), ('{"a": 1}', 'no key "user"')]
+)
 def test_a_secret_that_does_not_fit_is_a_render_error_without_the_value(data: str, message: str) -> None:
     with pytest.raises(RenderError, match=message) as caught:
         parse_template("${user}").render(data)
@@ -152,8 +149,14 @@ class SlowKms:
         self.calls += 1
         await trio.sleep(1.0)
         return SecretValue(
-            {"SecretName": name, "SecretData": f"value-{self.calls}", "SecretDataType": "text", "VersionId": f"v{self.calls}",
-             "VersionStages": {"VersionStage": ["ACSCurrent"]}, "CreateTime": "2026-11-30T00:00:00Z"}
+            {
+                "SecretName": name,
+                "SecretData": f"value-{self.calls}",
+                "SecretDataType": "text",
+                "VersionId": f"v{self.calls}",
+                "VersionStages": {"VersionStage": ["ACSCurrent"]},
+                "CreateTime": "2026-11-30T00:00:00Z",
+            }
         )
 
 
@@ -176,7 +179,9 @@ async def test_a_followed_secret_is_reloaded_before_expiry_even_when_the_refresh
         await trio.sleep(0.5)
         entry = cache.peek(SecretQuery("s").cache_key)
         assert entry is not None and entry.expires_at > trio.current_time()
-    assert 6 <= kms.calls <= 8 and seen == [f"value-{n}" for n in range(1, len(seen) + 1)] and len(seen) >= kms.calls - 1
+    assert (
+        6 <= kms.calls <= 8 and seen == [f"value-{n}" for n in range(1, len(seen) + 1)] and len(seen) >= kms.calls - 1
+    )
 
 
 # --- Writing ----------------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", broken_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         write_atomic(str(path), b"new", 0o600, None, None)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f"]
 
@@ -247,7 +252,9 @@ async def test_on_change_runs_one_at_a_time_and_coalesces_changes_into_one_more_
     gate, runs = tmp_path / "gate", tmp_path / "runs"
     os.mkfifo(gate)
     outcomes: list[str] = []
-    on_change = OnChange(["sh", "-c", f"echo run >> {runs}; read line < {gate}"], {"PATH": os.environ["PATH"]}, "t", outcomes.append)
+    on_change = OnChange(
+        ["sh", "-c", f"echo run >> {runs}; read line < {gate}"], {"PATH": os.environ["PATH"]}, "t", outcomes.append
+    )
 
     def count() -> int:
         return len(runs.read_text().splitlines()) if runs.exists() else 0
@@ -297,7 +304,9 @@ async def test_on_change_logs_status_and_escaped_first_lines(
 ) -> None:
     outcomes: list[str] = []
     env = {"PATH": os.environ["PATH"]}
-    await OnChange(["sh", "-c", r"printf 'bad\r\nFORGED 2026 ERROR x\n'; exit 3"], env, "[[Files]] #1", outcomes.append).run_once()
+    await OnChange(
+        ["sh", "-c", r"printf 'bad\r\nFORGED 2026 ERROR x\n'; exit 3"], env, "[[Files]] #1", outcomes.append
+    ).run_once()
     await OnChange(["/no/such/program"], env, "[[Files]] #1", outcomes.append).run_once()
     monkeypatch.setattr(files, "ON_CHANGE_LIMIT", 0.3)
     await OnChange(["sleep", "1000.27"], env, "[[Files]] #1", outcomes.append).run_once()
@@ -328,9 +337,17 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_a_valid_table_and_its_defaults(folder: Path) -> None:
-    config = parse_config({"Files": [{"SecretId": "db", "Path": str(folder / "db"), "Owner": "nobody", "Group": "65534"}]})
+    config = parse_config(
+        {"Files": [{"SecretId": "db", "Path": str(folder / "db"), "Owner": "nobody", "Group": "65534"}]}
+    )
     (file,) = config.files
-    assert (file.version_stage, file.mode, file.uid, file.gid, file.on_change) == ("ACSCurrent", 0o600, NOBODY, NOGROUP, ())
+    assert (file.version_stage, file.mode, file.uid, file.gid, file.on_change) == (
+        "ACSCurrent",
+        0o600,
+        NOBODY,
+        NOGROUP,
+        (),
+    )
 
 
 @pytest.mark.parametrize(
@@ -339,23 +356,45 @@ def test_a_valid_table_and_its_defaults(folder: Path) -> None:
         ({"Path": "{f}/a"}, "[[Files]] #2: SecretId is required"),
         ({"SecretId": "s"}, "[[Files]] #2: Path is required"),
         ({"SecretId": "s", "Path": "relative/a"}, "[[Files]] #2 Path = 'relative/a': must be an absolute path"),
-        ({"SecretId": "s", "Path": "{f}/missing/a"}, "its folder {f}/missing cannot be used (No such file or directory)"),
+        (
+            {"SecretId": "s", "Path": "{f}/missing/a"},
+            "its folder {f}/missing cannot be used (No such file or directory)",
+        ),
         ({"SecretId": "s", "Path": "{f}"}, "is a folder"),
-        ({"SecretId": "s", "Path": "{f}/a", "Mode": "1777"}, "[[Files]] #2 Mode = '1777': must be octal permission bits within 0777"),
+        (
+            {"SecretId": "s", "Path": "{f}/a", "Mode": "1777"},
+            "[[Files]] #2 Mode = '1777': must be octal permission bits within 0777",
+        ),
         ({"SecretId": "s", "Path": "{f}/a", "Mode": "0800"}, "Mode = '0800': must be octal"),
         ({"SecretId": "s", "Path": "{f}/a", "Mode": 600}, "Mode = 600: must be octal"),
-        ({"SecretId": "s", "Path": "{f}/a", "JsonKey": "k", "Template": "${k}"}, "JsonKey = 'k': set JsonKey or Template, not both"),
-        ({"SecretId": "s", "Path": "{f}/a", "Template": "${k"}, 'Template = \'${k\': "${" at character 1 has no closing'),
-        ({"SecretId": "s", "Path": "{f}/a", "Owner": "no-such-user-x"}, "Owner = 'no-such-user-x': must be an existing user"),
+        (
+            {"SecretId": "s", "Path": "{f}/a", "JsonKey": "k", "Template": "${k}"},
+            "JsonKey = 'k': set JsonKey or Template, not both",
+        ),
+        (
+            {"SecretId": "s", "Path": "{f}/a", "Template": "${k"},
+            "Template = '${k': \"${\" at character 1 has no closing",
+        ),
+        (
+            {"SecretId": "s", "Path": "{f}/a", "Owner": "no-such-user-x"},
+            "Owner = 'no-such-user-x': must be an existing user",
+        ),
         ({"SecretId": "s", "Path": "{f}/a", "Group": "no-such-group-x"}, "must be an existing group"),
-        ({"SecretId": "s", "Path": "{f}/a", "OnChange": "nginx -s reload"}, "OnChange = 'nginx -s reload': must be a list"),
+        (
+            {"SecretId": "s", "Path": "{f}/a", "OnChange": "nginx -s reload"},
+            "OnChange = 'nginx -s reload': must be a list",
+        ),
         ({"SecretId": "s", "Path": "{f}/a", "OnChange": [""]}, "must be a list of strings"),
         ({"SecretId": "s", "Path": "{f}/a", "Bogus": 1}, "[[Files]] #2 Bogus: unknown key (allowed: SecretId, Path,"),
         ({"SecretId": "s", "Path": "{f}/first"}, "[[Files]] #2 Path = '{f}/first': the same Path as [[Files]] #1"),
     ],
 )
-def test_config_errors_name_the_table_the_key_and_what_is_allowed(folder: Path, table: dict[str, Any], expected: str) -> None:
-    table = {key: value.replace("{f}", str(folder)) if isinstance(value, str) else value for key, value in table.items()}
+def test_config_errors_name_the_table_the_key_and_what_is_allowed(
+    folder: Path, table: dict[str, Any], expected: str
+) -> None:
+    table = {
+        key: value.replace("{f}", str(folder)) if isinstance(value, str) else value for key, value in table.items()
+    }
     message = files_error([{"SecretId": "first", "Path": str(folder / "first")}, table])
     assert expected.replace("{f}", str(folder)) in message
 
@@ -384,7 +423,9 @@ def test_owner_and_group_need_root(folder: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_ttl_zero_and_more_pinned_secrets_than_the_cache_are_refused(folder: Path) -> None:
     table = {"SecretId": "s", "Path": str(folder / "a")}
-    assert files_error([table], Cache={"TtlSeconds": 0}).startswith("[Cache] TtlSeconds = 0: must be at least 1 with [[Files]]")
+    assert files_error([table], Cache={"TtlSeconds": 0}).startswith(
+        "[Cache] TtlSeconds = 0: must be at least 1 with [[Files]]"
+    )
     tables = [table, {"SecretId": "t", "Path": str(folder / "b")}, {"SecretId": "t", "Path": str(folder / "c")}]
     parse_config({"Cache": {"CacheSize": 2}, "Files": tables})  # two distinct secrets fit two entries
     message = files_error(tables, Cache={"CacheSize": 1})
@@ -427,7 +468,9 @@ def files_config(tmp_path: Path, endpoint: str, tables: str, ttl: int = 1) -> Pa
 
 
 def table(secret_id: str, path: Path, **keys: Any) -> str:
-    lines = [f'SecretId = "{secret_id}"', f'Path = "{path}"'] + [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    lines = [f'SecretId = "{secret_id}"', f'Path = "{path}"'] + [
+        f"{key} = {json.dumps(value)}" for key, value in keys.items()
+    ]
     return "\n[[Files]]\n" + "\n".join(lines) + "\n"
 
 
@@ -438,7 +481,9 @@ async def test_files_are_written_before_the_port_opens_and_follow_rotations_with
     out.mkdir()
     emulator.put_secret("files/db", DB)
     log = tmp_path / "changes"
-    tables = table("files/db", out / "password", JsonKey="password", Mode="0640", OnChange=["sh", "-c", f"echo changed >> {log}"])
+    tables = table(
+        "files/db", out / "password", JsonKey="password", Mode="0640", OnChange=["sh", "-c", f"echo changed >> {log}"]
+    )
     tables += table("files/db", out / "dsn", Template="postgres://${user}:${password}@db:${port}/app")
     config = files_config(tmp_path, emulator.endpoint, tables)
     async with agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent:
@@ -454,7 +499,7 @@ async def test_files_are_written_before_the_port_opens_and_follow_rotations_with
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
         emulator.rotate("files/db", DB.replace("files-db-password-Qw3e", "files-db-rotated-Zx8c"))
         rotated = trio.current_time()
-        await eventually(lambda: (out / "password").read_text() == "files-db-rotated-Zx8c", timeout=5)
+        await eventually(lambda: (out / "password").read_text() == "files-db-rotated-Zx8c", seconds=5)
         assert trio.current_time() - rotated < 1 + 0.5  # TtlSeconds = 1, plus the load
         await eventually(lambda: "rotated" in (out / "dsn").read_text())
         await eventually(lambda: log.exists() and log.read_text() == "changed\n")
@@ -468,12 +513,19 @@ async def test_files_are_written_before_the_port_opens_and_follow_rotations_with
         assert material not in stderr
 
 
-async def test_a_reader_never_sees_a_partial_file_or_an_inode_beyond_mode(tmp_path: Path, emulator: KmsEmulator) -> None:
+async def test_a_reader_never_sees_a_partial_file_or_an_inode_beyond_mode(
+    tmp_path: Path, emulator: KmsEmulator
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     versions = [f"<v{i}>" + chr(ord("a") + i % 26) * (1000 + 30000 * (i % 3)) + f"</v{i}>" for i in range(60)]
     emulator.put_secret("files/big", versions[0])
-    config = files_config(tmp_path, emulator.endpoint, table("files/big", out / "big", Mode="0640", Owner="nobody", Group="nogroup"), ttl=60)
+    config = files_config(
+        tmp_path,
+        emulator.endpoint,
+        table("files/big", out / "big", Mode="0640", Owner="nobody", Group="nogroup"),
+        ttl=60,
+    )
     seen: list[tuple[bytes, int, int, int]] = []
     entries: list[tuple[str, int, int, int, int]] = []
     done = threading.Event()
@@ -542,21 +594,27 @@ async def test_a_later_kms_4xx_or_a_value_that_does_not_fit_leaves_the_file_as_i
     assert "gone-value-Lk9m" not in stderr and "files-db-password-Qw3e" not in stderr
 
 
-async def test_a_rotation_while_the_agent_was_down_runs_on_change_at_start(tmp_path: Path, emulator: KmsEmulator) -> None:
+async def test_a_rotation_while_the_agent_was_down_runs_on_change_at_start(
+    tmp_path: Path, emulator: KmsEmulator
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "key").write_text("the value before the rotation")
     (out / "key").chmod(0o600)
     log = tmp_path / "changes"
     emulator.put_secret("files/key", "after-the-rotation-Hd5s")
-    config = files_config(tmp_path, emulator.endpoint, table("files/key", out / "key", OnChange=["sh", "-c", f"echo ran >> {log}"]))
+    config = files_config(
+        tmp_path, emulator.endpoint, table("files/key", out / "key", OnChange=["sh", "-c", f"echo ran >> {log}"])
+    )
     async with agent_process(["--config", str(config)], AGENT_ENV, tmp_path) as agent:
         assert (out / "key").read_text() == "after-the-rotation-Hd5s"
         await eventually(lambda: log.exists() and log.read_text() == "ran\n")
         assert await stop(agent) == 0
 
 
-async def test_once_writes_every_file_and_exits_0_or_1_naming_the_failures(tmp_path: Path, emulator: KmsEmulator) -> None:
+async def test_once_writes_every_file_and_exits_0_or_1_naming_the_failures(
+    tmp_path: Path, emulator: KmsEmulator
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     emulator.put_secret("files/db", DB)
@@ -565,7 +623,12 @@ async def test_once_writes_every_file_and_exits_0_or_1_naming_the_failures(tmp_p
 
     def once() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "kmsagent", "--once", "--config", str(config)], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-m", "kmsagent", "--once", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
 
     config = files_config(tmp_path, emulator.endpoint, tables)
@@ -579,7 +642,10 @@ async def test_once_writes_every_file_and_exits_0_or_1_naming_the_failures(tmp_p
     assert trio.current_time() - started < 10  # a KMS 4xx is final: no waiting out the 15 s
     failures = [line for line in result.stderr.splitlines() if line.startswith("kmsagent: ")]
     assert len(failures) == 1, result.stderr
-    assert failures[0].startswith(f"kmsagent: [[Files]] #3 ({out / 'missing'}): not written: the secret cannot be loaded: Forbidden.ResourceNotFound")
+    assert failures[0].startswith(
+        f"kmsagent: [[Files]] #3 ({out / 'missing'}): not written: "
+        "the secret cannot be loaded: Forbidden.ResourceNotFound"
+    )
 
 
 def test_the_readme_files_example_is_a_valid_config(folder: Path) -> None:
@@ -587,7 +653,10 @@ def test_the_readme_files_example_is_a_valid_config(folder: Path) -> None:
     section = readme.split("## Secrets as files and environment", 1)[1].split("\n## ", 1)[0]
     block = next(body for body in re.findall(r"```toml\n(.*?)```", section, re.DOTALL) if "[[Files]]" in body)
     config = parse_config(tomllib.loads(block.replace("/etc/nginx/tls", str(folder))))
-    assert [(file.json_key, file.mode, file.gid is not None) for file in config.files] == [("key", 0o640, True), ("crt", 0o644, False)]
+    assert [(file.json_key, file.mode, file.gid is not None) for file in config.files] == [
+        ("key", 0o640, True),
+        ("crt", 0o644, False),
+    ]
 
 
 async def test_an_on_change_run_is_killed_with_its_group_at_shutdown(tmp_path: Path, emulator: KmsEmulator) -> None:

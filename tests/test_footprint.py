@@ -9,7 +9,6 @@ when importing or when running; the OIDC role loads the credentials package when
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,6 @@ import httpx
 import pytest
 import trio
 
-import kmsagent.kms
 from conftest import AK_ID, AK_SECRET, SECRETS, TOKEN, StartAgent
 from kmsagent.emulator import KmsEmulator, MetadataEmulator
 from test_cli import read_lines_until, write_config
@@ -54,8 +52,8 @@ from kmsagent.__main__ import main
 sys.exit(main())
 """
 def heavy_modules_after(code: str) -> list[str]:
-    watched = set(HEAVY + ON_USE)
-    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted({{n.split('.')[0] for n in sys.modules}} & {watched})))"
+    loaded = "{n.split('.')[0] for n in sys.modules}"
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted({loaded} & set({HEAVY + ON_USE!r}))))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     return list(json.loads(result.stdout.splitlines()[-1]))
 
@@ -105,14 +103,18 @@ async def reporting_agent(config: Path, env: dict[str, str], tmp_path: Path) -> 
         await process.wait()
 
 
-@pytest.mark.parametrize("source", ["access_key", "auto, keys in the environment", "ecs_ram_role", "auto, the ECS role"])
+@pytest.mark.parametrize(
+    "source", ["access_key", "auto, keys in the environment", "ecs_ram_role", "auto, the ECS role"]
+)
 async def test_the_running_agent_loads_no_heavy_sdk_module(
     source: str, tmp_path: Path, emulator: KmsEmulator, nursery: trio.Nursery
 ) -> None:
     """Started, signing a GetSecretValue and parsing the answer, stopped: none of them loaded, nor
     httpx with static keys."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KMS_TOKEN": TOKEN}
-    credentials = 'Type = "access_key"' if source == "access_key" else 'Type = "ecs_ram_role"' if source == "ecs_ram_role" else ""
+    credentials = (
+        'Type = "access_key"' if source == "access_key" else 'Type = "ecs_ram_role"' if source == "ecs_ram_role" else ""
+    )
     config = write_config(tmp_path, emulator.endpoint, credentials)
     if "ecs" in source.lower():
         metadata = MetadataEmulator(emulator)

@@ -119,7 +119,16 @@ def test_vault_request_id_is_fresh_and_lease_follows_the_ttl_in_force() -> None:
     assert first["lease_duration"] == "300"
     ttl[0] = 60
     assert strict_json(vault.finish(rendered))["lease_duration"] == "60"
-    assert set(first) == {"request_id", "lease_id", "renewable", "lease_duration", "data", "wrap_info", "warnings", "auth"}
+    assert set(first) == {
+        "request_id",
+        "lease_id",
+        "renewable",
+        "lease_duration",
+        "data",
+        "wrap_info",
+        "warnings",
+        "auth",
+    }
 
 
 # --- through the agent: KMS's JSON answer, the cache, a miss and a hit -----------------------------
@@ -191,9 +200,17 @@ def test_created_date_is_epoch_seconds_in_a_string_with_three_decimals(create_ti
 
 def test_aws_stage_names_in_answers_and_requests() -> None:
     secret = secret_value("x")
-    secret.fields["VersionStages"] = {"VersionStage": ["ACSCurrent", "ACSPrevious", "ACSPending", "Custom", "AWSCURRENT"]}
+    secret.fields["VersionStages"] = {
+        "VersionStage": ["ACSCurrent", "ACSPrevious", "ACSPending", "Custom", "AWSCURRENT"]
+    }
     aws = AwsFormat("cn-hangzhou")
-    assert json.loads(aws.secret(secret))["VersionStages"] == ["AWSCURRENT", "AWSPREVIOUS", "AWSPENDING", "Custom", "AWSCURRENT"]
+    assert json.loads(aws.secret(secret))["VersionStages"] == [
+        "AWSCURRENT",
+        "AWSPREVIOUS",
+        "AWSPENDING",
+        "Custom",
+        "AWSCURRENT",
+    ]
     asked = ["AWSCURRENT", "AWSPREVIOUS", "AWSPENDING", "ACSCurrent", "Custom", "awscurrent"]
     assert [aws.kms_stage(stage) for stage in asked] == [
         "ACSCurrent", "ACSPrevious", "ACSPending", "ACSCurrent", "Custom", "awscurrent"

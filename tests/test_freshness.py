@@ -67,7 +67,7 @@ def make_cache(
     rotation: Callable[[object], float | None] = lambda value: None,
     **kwargs: object,
 ) -> SecretCache[str, str]:
-    options: dict[str, object] = dict(max_entries=1000, ttl=TTL, is_transient=lambda e: isinstance(e, Unavailable))
+    options: dict[str, object] = {"max_entries": 1000, "ttl": TTL, "is_transient": lambda e: isinstance(e, Unavailable)}
     options.update(kwargs)
     cache: SecretCache[str, str] = SecretCache(loads=nursery, **options)  # type: ignore[arg-type]
     nursery.start_soon(Refresher(cache, max_in_flight=in_flight, rotation_due=rotation).run)
@@ -197,7 +197,9 @@ async def test_kms_faults_serve_stale_within_max_stale_then_stop(
     seen: list[tuple[float, int, str]] = []
     while trio.current_time() - loaded_at < 40:
         response = await agent.get(SECRET_PATH)
-        seen.append((trio.current_time() - loaded_at, response.status_code, response.headers.get("x-kms-agent-cache", "")))
+        seen.append(
+            (trio.current_time() - loaded_at, response.status_code, response.headers.get("x-kms-agent-cache", ""))
+        )
         await trio.sleep(1)
     assert all(code == 200 for at, code, _ in seen if at < 30)
     assert any(cache == "stale" for at, _, cache in seen if 11 < at < 29)
@@ -251,26 +253,28 @@ async def test_60_hot_secrets_with_a_5s_ttl_and_100ms_kms_never_miss_after_the_f
         emulator.put_secret(name, f"value-of-{name}-Qa7c")
     emulator.inject(Fault(delay=0.1))  # every call takes 100 ms
     config = agent_config(emulator.endpoint, cache={"ttl_seconds": 5})
-    async with KmsClient.open(config.kms, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms:
-        async with trio.open_nursery() as nursery:
-            cache: SecretCache = SecretCache(max_entries=1000, ttl=5, loads=nursery, is_transient=is_transient)
-            store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: 5))
-            refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
-            nursery.start_soon(refresher.run)
-            rounds: list[Counter[Outcome]] = []
-            started = trio.current_time()
-            while trio.current_time() - started < 15:
-                outcomes = Counter[Outcome]()
+    async with (
+        KmsClient.open(config.kms, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms,
+        trio.open_nursery() as nursery,
+    ):
+        cache: SecretCache = SecretCache(max_entries=1000, ttl=5, loads=nursery, is_transient=is_transient)
+        store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: 5))
+        refresher = Refresher(cache, max_in_flight=config.kms.max_concurrent_requests, rotation_due=store.rotation_due)
+        nursery.start_soon(refresher.run)
+        rounds: list[Counter[Outcome]] = []
+        started = trio.current_time()
 
-                async def read(name: str) -> None:
-                    outcomes[(await store.get(SecretQuery(name, "", "ACSCurrent")))[1]] += 1
+        async def read(name: str, outcomes: Counter[Outcome]) -> None:
+            outcomes[(await store.get(SecretQuery(name, "", "ACSCurrent")))[1]] += 1
 
-                async with trio.open_nursery() as readers:
-                    for name in names:
-                        readers.start_soon(read, name)
-                rounds.append(outcomes)
-                await trio.sleep(0.25)
-            nursery.cancel_scope.cancel()
+        while trio.current_time() - started < 15:
+            outcomes = Counter[Outcome]()
+            async with trio.open_nursery() as readers:
+                for name in names:
+                    readers.start_soon(read, name, outcomes)
+            rounds.append(outcomes)
+            await trio.sleep(0.25)
+        nursery.cancel_scope.cancel()
     assert rounds[0] == {Outcome.MISS: 60} and len(rounds) >= 50
     assert [dict(outcomes) for outcomes in rounds[1:]] == [{Outcome.HIT: 60}] * (len(rounds) - 1)
     assert refresher.started >= 120  # every secret refreshed at least twice in 15 s

@@ -19,9 +19,9 @@ import json
 import re
 import string
 from collections import Counter
-from http import HTTPStatus
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote_to_bytes
 
@@ -152,7 +152,7 @@ PARAMS = st.one_of(
     st.tuples(NAMES, VALUES).map(lambda pair: pair[0] + b"=" + pair[1]),
     st.tuples(NAMES, VALUES).map(lambda pair: pair[0] + b"=" + pair[1]),
     NAMES,
-    st.tuples(NAMES, VALUES, VALUES).map(lambda triple: b"=".join(triple)),
+    st.tuples(NAMES, VALUES, VALUES).map(b"=".join),
 )
 QUERIES = st.one_of(
     st.none(),
@@ -366,8 +366,9 @@ def _run_check(
             token_matches=TOKEN_SOURCE.matches,
         )
     except AgentError as error:  # anything else escapes and fails the test: that would be a 500
-        assert 400 <= error.status < 500, f"{error.status} {error.code}: {error.message}"
-        return error
+        refused = error
+    assert 400 <= refused.status < 500, f"{refused.status} {refused.code}: {refused.message}"
+    return refused
 
 
 def _assert_token_was_given(result: object, headers: Headers, config: ServerConfig) -> None:

@@ -56,6 +56,7 @@ def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subp
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
 
 
@@ -113,7 +114,9 @@ def copy_tree(tree: Tree, root: Path, *, venv: bool = True) -> Tree:
         tree.root,
         root,
         symlinks=True,
-        ignore=lambda folder, names: [name for name in names if name != "pyvenv.cfg"] if folder == stub and not venv else [],
+        ignore=lambda folder, names: (
+            [name for name in names if name != "pyvenv.cfg"] if folder == stub and not venv else []
+        ),
     )
     return Tree(root, tree.result)
 
@@ -128,7 +131,9 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> Tree:
 def upgraded(staged: Tree, tmp_path_factory: pytest.TempPathFactory) -> Tree:
     """`staged` after an operator edited the config, installed again, now with the units."""
     tree = copy_tree(staged, tmp_path_factory.mktemp("upgraded") / "root")
-    tree.conf.write_text(tree.conf.read_text().replace('Level = "info"', 'Level = "warn"') + "# edited by the operator\n")
+    tree.conf.write_text(
+        tree.conf.read_text().replace('Level = "info"', 'Level = "warn"') + "# edited by the operator\n"
+    )
     return install(tree.root)
 
 
@@ -136,8 +141,8 @@ def unit_settings(text: str) -> dict[str, list[str]]:
     """"Section.Key" -> its values in order (a systemd key may be repeated)."""
     settings: dict[str, list[str]] = defaultdict(list)
     section = ""
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("["):
@@ -188,9 +193,15 @@ def test_the_installed_config_is_the_shipped_one_logging_into_the_prefix(staged:
 
 def test_the_wrapper_runs_the_installed_agent(staged: Tree) -> None:
     wrapper = str(staged.prefix / "bin" / "kmsagent")
-    version = subprocess.run([wrapper, "--version"], capture_output=True, text=True, timeout=30)
+    version = subprocess.run([wrapper, "--version"], capture_output=True, text=True, timeout=30, check=False)
     assert version.stdout.strip() == f"kmsagent {__version__}"
-    check = subprocess.run([wrapper, "--check-config", "--config", str(staged.conf)], capture_output=True, text=True, timeout=30)
+    check = subprocess.run(
+        [wrapper, "--check-config", "--config", str(staged.conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -278,7 +289,11 @@ def test_systemd_analyze_verifies_the_units(upgraded: Tree, tmp_path: Path) -> N
     for name in UNITS:
         (tmp_path / name).write_text(upgraded.unit(name).replace(PREFIX, str(upgraded.prefix)))
     result = subprocess.run(
-        [analyze, "verify", *(str(tmp_path / name) for name in UNITS)], capture_output=True, text=True, timeout=60
+        [analyze, "verify", *(str(tmp_path / name) for name in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "kmsagent" not in result.stderr, result.stderr
@@ -388,7 +403,7 @@ def test_the_token_writer_writes_a_fresh_token_readable_by_the_group(staged: Tre
     env = {"PATH": os.environ["PATH"], "KMSAGENT_TOKEN_GROUP": token_group()}
     tokens = []
     for _ in range(2):
-        result = subprocess.run([writer, str(target)], env=env, capture_output=True, text=True, timeout=30)
+        result = subprocess.run([writer, str(target)], env=env, capture_output=True, text=True, timeout=30, check=False)
         assert result.returncode == 0, result.stderr
         status = target.stat()
         assert (stat.S_IMODE(status.st_mode), status.st_gid) == (0o640, os.getgid())
@@ -401,7 +416,9 @@ def test_the_token_writer_writes_a_fresh_token_readable_by_the_group(staged: Tre
 def test_the_token_writer_fails_without_its_group(staged: Tree, tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "KMSAGENT_TOKEN_GROUP": "no-such-group-kmsagent"}
     writer = str(staged.prefix / "bin" / "kmsagent-token")
-    result = subprocess.run([writer, str(tmp_path / "kmstoken")], env=env, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [writer, str(tmp_path / "kmstoken")], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
     assert result.returncode == 1
     assert_one_line(result.stderr)
     assert list(tmp_path.iterdir()) == []
@@ -440,7 +457,9 @@ async def test_the_units_command_serves_secrets_from_the_staged_tree(
     }
     stderr_path = tmp_path / "stderr.txt"
     with stderr_path.open("wb") as stderr:
-        process = await trio.lowlevel.open_process(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr)
+        process = await trio.lowlevel.open_process(
+            command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=stderr
+        )
     try:
         lines = await read_lines_until(process, "listening on")
         port = int(lines[-1].rsplit(":", 1)[1])
@@ -489,7 +508,10 @@ def test_a_folder_install_sh_did_not_make_is_left_alone(script: str, code: int, 
     result = run_script(script, "--root", str(tmp_path), "--prefix", "/opt/shared")
     assert result.returncode == code
     assert_one_line(result.stderr)
-    assert sorted(path.name for path in foreign.iterdir()) == ["bin"] and (foreign / "bin" / "tool").read_text() == "keep me"
+    assert (
+        sorted(path.name for path in foreign.iterdir()) == ["bin"]
+        and (foreign / "bin" / "tool").read_text() == "keep me"
+    )
 
 
 def test_uninstall_removes_only_what_install_made(upgraded: Tree, tmp_path: Path) -> None:
@@ -516,7 +538,9 @@ def test_uninstall_removes_only_what_install_made(upgraded: Tree, tmp_path: Path
 
 
 @pytest.mark.parametrize("legacy_marker", [False, True], ids=["nothing", "older-marker"])
-def test_uninstall_without_a_manifest_refuses_and_removes_nothing(legacy_marker: bool, staged: Tree, tmp_path: Path) -> None:
+def test_uninstall_without_a_manifest_refuses_and_removes_nothing(
+    legacy_marker: bool, staged: Tree, tmp_path: Path
+) -> None:
     """Without the manifest it would be guessing, even where an older install.sh left its marker."""
     tree = copy_tree(staged, tmp_path / "root", venv=False)
     tree.manifest.unlink()
@@ -572,7 +596,9 @@ def test_uninstall_with_no_systemd_leaves_the_units_alone(upgraded: Tree, tmp_pa
 
 
 @pytest.mark.parametrize("script", ["install.sh", "uninstall.sh"])
-@pytest.mark.parametrize("args", [["--bogus"], ["--prefix"], ["--prefix", "relative/dir"], ["--prefix", "/"], ["--prefix", "/a b"]])
+@pytest.mark.parametrize(
+    "args", [["--bogus"], ["--prefix"], ["--prefix", "relative/dir"], ["--prefix", "/"], ["--prefix", "/a b"]]
+)
 def test_a_bad_command_line_exits_2_with_one_line(script: str, args: list[str], tmp_path: Path) -> None:
     result = run_script(script, "--root", str(tmp_path), *args)
     assert result.returncode == 2
@@ -593,7 +619,9 @@ def test_a_bad_command_line_exits_2_with_one_line(script: str, args: list[str], 
         ("/usr", "/local/bin"),  # /local/bin is no system folder, but /usr + /local/bin is
     ],
 )
-def test_a_shared_folder_is_refused_as_prefix_with_root_too(script: str, root: str, prefix: str, tmp_path: Path) -> None:
+def test_a_shared_folder_is_refused_as_prefix_with_root_too(
+    script: str, root: str, prefix: str, tmp_path: Path
+) -> None:
     """Such a folder is refused before anything is read or written, --root or not (the tests with
     real system folders are safe either way: install.sh also refuses a non-empty folder without a
     manifest, and uninstall.sh removes only what a manifest names)."""
@@ -636,7 +664,7 @@ def stubbed_env(tmp_path: Path, uid: int) -> tuple[dict[str, str], Path]:
     scripts = {
         "id": f'[ "$1" = -u ] && echo {uid}',  # the scripts ask only for `id -u`
         "getent": "exit 2",  # no such user or group yet
-        **{tool: "" for tool in ("groupadd", "useradd", "usermod", "chown", "chgrp", "systemctl")},
+        **dict.fromkeys(("groupadd", "useradd", "usermod", "chown", "chgrp", "systemctl"), ""),
     }
     for name, body in scripts.items():
         (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >>"{log}"\n{body}\n')
@@ -675,7 +703,9 @@ def test_a_live_install_creates_the_accounts_and_owns_the_logs(staged: Tree, tmp
     prefix = tmp_path / "opt" / "kmsagent"
     # The staged venv is reused (as in an upgrade), which spares building one; the config is new.
     # The tree is made one of an older install.sh (a marker, no manifest), which is adopted.
-    shutil.copytree(staged.prefix, prefix, symlinks=True, ignore=lambda folder, _: ["conf"] if folder == str(staged.prefix) else [])
+    shutil.copytree(
+        staged.prefix, prefix, symlinks=True, ignore=lambda folder, _: ["conf"] if folder == str(staged.prefix) else []
+    )
     (prefix / MANIFEST).unlink()
     (prefix / ".kmsagent-install").write_text("kmsagent, installed by scripts/install.sh\n")
     result = run_script("install.sh", "--prefix", str(prefix), "--no-systemd", env=env)
@@ -714,6 +744,7 @@ class User:
             capture_output=True,
             text=True,
             timeout=600,
+            check=False,
         )
 
 
@@ -775,7 +806,10 @@ def test_a_user_level_install_and_uninstall(user: User) -> None:
 
     result = user.run("bash", "scripts/install.sh", "--prefix", str(prefix), "--no-systemd", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"KMS_TOKEN=file://{user.home}/kmstoken {prefix}/bin/kmsagent --config {prefix}/conf/kmsagent.toml" in result.stdout
+    assert (
+        f"KMS_TOKEN=file://{user.home}/kmstoken {prefix}/bin/kmsagent --config {prefix}/conf/kmsagent.toml"
+        in result.stdout
+    )
     assert f"KMSAGENT_TOKEN_GROUP= {prefix}/bin/kmsagent-token {user.home}/kmstoken" in result.stdout
     assert manifest_paths(prefix / MANIFEST) == {f"{prefix}{path}" for path in MADE}
     assert {path.lstat().st_uid for path in (prefix, *prefix.rglob("*"))} == {user.uid}  # no chown to 'kmsagent'
@@ -819,6 +853,7 @@ def test_the_kubernetes_example_config_is_valid(staged: Tree, tmp_path: Path) ->
         text=True,
         timeout=30,
         env={**os.environ, **rrsa},
+        check=False,
     )
     assert check.returncode == 0, check.stderr
     effective = tomllib.loads(check.stdout)

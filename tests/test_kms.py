@@ -43,13 +43,17 @@ async def test_a_wrong_secret_key_is_a_signature_error_not_retried(emulator: Kms
     assert emulator.call_count() == 1
 
 
-async def test_retries_then_succeeds(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+async def test_retries_then_succeeds(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
     emulator.inject(Fault.server_error(), times=2)
     assert (await client.get_secret_value("api-key")).data == SECRETS["api-key"]
     assert emulator.call_count("api-key") == 3
 
 
-async def test_retry_after_is_honoured(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+async def test_retry_after_is_honoured(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
     emulator.inject(Fault.throttling(retry_after_ms=4000), times=1)
     started = trio.current_time()
     await client.get_secret_value("api-key")
@@ -57,7 +61,9 @@ async def test_retry_after_is_honoured(client: KmsClient, emulator: KmsEmulator,
     assert emulator.call_count("api-key") == 2
 
 
-async def test_throttling_after_all_retries_is_kms_429(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+async def test_throttling_after_all_retries_is_kms_429(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
     emulator.inject(Fault.throttling())
     with pytest.raises(KmsError) as caught:
         await client.get_secret_value("api-key")
@@ -136,7 +142,9 @@ async def test_timeouts_after_retries_are_upstream_timeout(
     assert emulator.call_count("api-key") == 3
 
 
-async def test_a_call_is_cancellable(client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_call_is_cancellable(
+    client: KmsClient, emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
     emulator.inject(Fault(delay=2.0))
     started = trio.current_time()
     with trio.move_on_after(0.3):

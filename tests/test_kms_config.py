@@ -38,7 +38,11 @@ def test_values_in_range_are_taken() -> None:
             },
         }
     )
-    assert (config.server.request_timeout_ms, config.cache.not_found_ttl_seconds, config.kms.batch_refresh) == (1000, 0, False)
+    assert (config.server.request_timeout_ms, config.cache.not_found_ttl_seconds, config.kms.batch_refresh) == (
+        1000,
+        0,
+        False,
+    )
     assert config.kms.endpoints == (
         "kms.cn-shanghai.aliyuncs.com",
         "kms.cn-beijing.aliyuncs.com",
@@ -60,7 +64,9 @@ def test_values_in_range_are_taken() -> None:
         ("KMS", "FallbackEndpoints", [f"r{i}.example" for i in range(6)], "must be a list of at most 5 distinct"),
     ],
 )
-def test_values_out_of_range_name_key_value_and_what_is_allowed(section: str, key: str, value: Any, allowed: str) -> None:
+def test_values_out_of_range_name_key_value_and_what_is_allowed(
+    section: str, key: str, value: Any, allowed: str
+) -> None:
     message = error_for({section: {key: value}})
     assert message.startswith(f"[{section}] {key} = ") and allowed in message
 
@@ -68,7 +74,9 @@ def test_values_out_of_range_name_key_value_and_what_is_allowed(section: str, ke
 def test_a_fallback_must_not_repeat_the_primary_and_plain_http_stays_on_loopback() -> None:
     message = error_for({"KMS": {"FallbackEndpoints": ["kms.cn-hangzhou.aliyuncs.com"]}})
     assert "must not repeat the primary endpoint 'kms.cn-hangzhou.aliyuncs.com'" in message
-    message = error_for({"KMS": {"Endpoint": "127.0.0.1:8000", "Protocol": "http", "FallbackEndpoints": ["10.0.0.1:8000"]}})
+    message = error_for(
+        {"KMS": {"Endpoint": "127.0.0.1:8000", "Protocol": "http", "FallbackEndpoints": ["10.0.0.1:8000"]}}
+    )
     assert message.startswith("[KMS] FallbackEndpoints = ['10.0.0.1:8000']: with Protocol = \"http\"")
     parse_config({"KMS": {"Endpoint": "127.0.0.1:8000", "Protocol": "http", "FallbackEndpoints": ["127.0.0.2:8000"]}})
 

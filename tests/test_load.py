@@ -7,6 +7,7 @@ clients'.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import resource
@@ -22,7 +23,7 @@ import trio.testing
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SECRETS, TOKEN, StartAgent
+from conftest import SECRETS, TOKEN, StartAgent, eventually
 from kmsagent.emulator import Fault, KmsEmulator
 
 MAX_CONN = 100
@@ -136,10 +137,8 @@ async def flood_one(port: int, path: str) -> str:
     except OSError:
         return "closed"
     try:
-        try:
+        with contextlib.suppress(Closed):  # the canned 429 may already be waiting, sent before the request was read
             await client.send(path)
-        except Closed:
-            pass  # the canned 429 may already be waiting, sent before the request was read
         reply = await client.receive()
     except Closed:
         return "closed"
@@ -185,14 +184,19 @@ async def connections_open(port: int) -> int:
     raise AssertionError("no kmsagent_connections_open in /metrics")
 
 
-async def wait_for_connections(port: int, expected: int, timeout: float = 5.0) -> None:
+async def wait_for_connections(port: int, expected: int, seconds: float = 5.0) -> None:
     """Polls /metrics until the agent counts `expected` connections (the poll's own included)."""
     seen = None
-    with trio.move_on_after(timeout):
-        while (seen := await connections_open(port)) != expected:
-            await trio.sleep(0.05)
-        return
-    raise AssertionError(f"kmsagent_connections_open stayed at {seen}, expected {expected}")
+
+    async def counted() -> bool:
+        nonlocal seen
+        seen = await connections_open(port)
+        return seen == expected
+
+    try:
+        await eventually(counted, seconds=seconds, interval=0.05)
+    except trio.TooSlowError:
+        raise AssertionError(f"kmsagent_connections_open stayed at {seen}, expected {expected}") from None
 
 
 def secret_path(name: str) -> str:
@@ -245,8 +249,7 @@ async def test_a_flood_beyond_max_conn_is_refused_quickly_and_every_slot_comes_b
 
             async def ping_during_flood(done: trio.Event) -> None:
                 while not done.is_set():
-                    for client in reserve:
-                        pings.append((await client.get("/ping")).status)
+                    pings.extend([(await client.get("/ping")).status for client in reserve])
                     await trio.sleep(0.01)
 
             done = trio.Event()
@@ -420,4 +423,4 @@ async def test_a_request_with_a_body_neither_wedges_its_connection_nor_keeps_its
         assert received.startswith(b"HTTP/1.1 200"), received[:80]
     finally:
         await trio.aclose_forcefully(stream)
-    await wait_for_connections(agent.port, 1, timeout=2)
+    await wait_for_connections(agent.port, 1, seconds=2)

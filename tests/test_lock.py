@@ -163,3 +163,15 @@ def test_the_image_and_install_sh_install_the_runtime_lock(path: str) -> None:
     text = re.sub(r"\\\n\s*", " ", (ROOT / path).read_text())
     assert re.search(r"pip .*install .*--require-hashes .*-r \S*requirements-runtime\.lock", text), path
     assert re.search(r"pip .*install .*--no-deps", text), path
+
+
+def test_ci_runs_the_locked_checks_and_then_the_tests(lock: dict[NormalizedName, Pin]) -> None:
+    """.ci/run stops at the first failure; scripts/check runs ruff and mypy from the venv, so the
+    lock must pin them (a clean clone has nothing else)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in ci
+    assert [line for line in ci.splitlines() if line.startswith("bash ")] == ["bash scripts/check", "bash scripts/test"]
+    check = (ROOT / "scripts" / "check").read_text()
+    for tool in ("ruff", "mypy"):
+        assert f'"$venv/bin/{tool}"' in check, tool
+        assert canonicalize_name(tool) in lock, f"{tool} is not in requirements.lock"

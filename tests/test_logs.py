@@ -282,9 +282,11 @@ def test_a_reload_with_an_unusable_path_keeps_the_running_sinks(sinks: Configure
     paths = unusable_paths(tmp_path)
     for path in paths:
         result: list[BaseException] = []
-        attempt = threading.Thread(
-            target=lambda: result.append(_raised(lambda: sinks(path=path, format="text", level="debug"))), daemon=True
-        )
+
+        def reload(path: str = path, result: list[BaseException] = result) -> None:
+            result.append(_raised(lambda: sinks(path=path, format="text", level="debug")))
+
+        attempt = threading.Thread(target=reload, daemon=True)
         attempt.start()
         attempt.join(5)  # a FIFO must not block a reload
         assert not attempt.is_alive() and isinstance(result[0], LogSetupError), (path, result)
@@ -305,7 +307,9 @@ def test_a_reload_to_a_new_path_and_format_moves_every_line_in_order(sinks: Conf
     second = sinks(path=str(tmp_path / "other"), format="text", level="debug")
     logger.debug("second")
     close_logging()
-    assert [json.loads(line)["message"] for line in physical_lines(first / LOG_FILE)] == [f"first {i}" for i in range(2000)]
+    assert [json.loads(line)["message"] for line in physical_lines(first / LOG_FILE)] == [
+        f"first {i}" for i in range(2000)
+    ]
     assert [line.split(" ", 2)[2].strip() for line in physical_lines(second / LOG_FILE)] == ["second"]
     stderr = physical_lines(tmp_path / "stderr.txt")
     assert len(stderr) == 2001 and stderr[-1].endswith("DEBUG   second")

@@ -45,7 +45,7 @@ def live(kind: type, where: Callable[[object], bool] = lambda value: True) -> in
 
 
 def cache_with_refresher(nursery: trio.Nursery, **options: object) -> tuple[SecretCache[str, Value], Refresher[str]]:
-    settings: dict[str, object] = dict(max_entries=1000, ttl=300.0)
+    settings: dict[str, object] = {"max_entries": 1000, "ttl": 300.0}
     settings.update(options)
     cache: SecretCache[str, Value] = SecretCache(loads=nursery, **settings)  # type: ignore[arg-type]
     refresher = Refresher(cache, max_in_flight=8)
@@ -187,17 +187,19 @@ async def store_factory(
     emulator: KmsEmulator, nursery: trio.Nursery
 ) -> AsyncIterator[Callable[..., SecretStore]]:
     config = agent_config(emulator.endpoint)
-    async with KmsClient.open(config.kms, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms:
-        async with trio.open_nursery() as loads:
+    async with (
+        KmsClient.open(config.kms, StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")) as kms,
+        trio.open_nursery() as loads,
+    ):
 
-            def make(*, cache_size: int, ttl: float) -> SecretStore:
-                cache: SecretCache = SecretCache(max_entries=cache_size, ttl=ttl, loads=loads, is_transient=is_transient)
-                store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: ttl))
-                loads.start_soon(Refresher(cache, max_in_flight=8, rotation_due=store.rotation_due).run)
-                return store
+        def make(*, cache_size: int, ttl: float) -> SecretStore:
+            cache: SecretCache = SecretCache(max_entries=cache_size, ttl=ttl, loads=loads, is_transient=is_transient)
+            store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: ttl))
+            loads.start_soon(Refresher(cache, max_in_flight=8, rotation_due=store.rotation_due).run)
+            return store
 
-            yield make
-            loads.cancel_scope.cancel()
+        yield make
+        loads.cancel_scope.cancel()
 
 
 def secret_text(i: int) -> str:

@@ -47,8 +47,8 @@ def drain(sock: socket.socket) -> list[str]:
             return messages
 
 
-async def receive(sock: socket.socket, timeout: float = 10) -> str:
-    with trio.fail_after(timeout):
+async def receive(sock: socket.socket, seconds: float = 10) -> str:
+    with trio.fail_after(seconds):
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
@@ -57,9 +57,9 @@ async def receive(sock: socket.socket, timeout: float = 10) -> str:
                 continue
 
 
-async def receive_state(sock: socket.socket, timeout: float = 10) -> str:
+async def receive_state(sock: socket.socket, seconds: float = 10) -> str:
     """The next datagram that is not a watchdog ping."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(seconds):
         while (message := await receive(sock)) == WATCHDOG:
             pass
     return message
@@ -120,9 +120,18 @@ def test_without_notify_socket_nothing_is_sent_and_no_watchdog() -> None:
 
 @pytest.mark.parametrize(
     ("usec", "pid", "interval"),
-    [("200000", None, 0.1), ("200000", "mine", 0.1), ("200000", "other", None), ("0", None, None), ("x", None, None), ("", None, None)],
+    [
+        ("200000", None, 0.1),
+        ("200000", "mine", 0.1),
+        ("200000", "other", None),
+        ("0", None, None),
+        ("x", None, None),
+        ("", None, None),
+    ],
 )
-def test_watchdog_interval(listener: tuple[socket.socket, str], usec: str, pid: str | None, interval: float | None) -> None:
+def test_watchdog_interval(
+    listener: tuple[socket.socket, str], usec: str, pid: str | None, interval: float | None
+) -> None:
     env = {"NOTIFY_SOCKET": listener[1], "WATCHDOG_USEC": usec}
     if pid is not None:
         env["WATCHDOG_PID"] = str(os.getpid() if pid == "mine" else os.getpid() + 1)
@@ -146,16 +155,18 @@ async def test_reloads_brackets_each_signal_with_reloading_and_ready(listener: t
     assert drain(sock) == [READY]
 
 
-async def test_the_watchdog_pings_from_the_loop_and_stops_when_the_loop_is_stuck(listener: tuple[socket.socket, str]) -> None:
+async def test_the_watchdog_pings_from_the_loop_and_stops_when_the_loop_is_stuck(
+    listener: tuple[socket.socket, str],
+) -> None:
     sock, path = listener
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "40000"})  # a ping every 20 ms
     async with trio.open_nursery() as nursery:
         nursery.start_soon(notifier.watchdog)
         assert await receive(sock) == WATCHDOG
         drain(sock)
-        time.sleep(0.3)  # the test's hook: a blocking call on the trio thread, ~15 intervals long
+        time.sleep(0.3)  # noqa: ASYNC251 - the test's hook: a blocking call on the trio thread, ~15 intervals long
         assert drain(sock) == [], "pings went on while the trio loop was blocked"
-        assert await receive(sock, timeout=2) == WATCHDOG  # the loop runs again: so do the pings
+        assert await receive(sock, seconds=2) == WATCHDOG  # the loop runs again: so do the pings
         nursery.cancel_scope.cancel()
 
 

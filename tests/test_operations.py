@@ -15,12 +15,12 @@ import trio
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, StartAgent
+from conftest import AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, StartAgent, eventually
 from kmsagent import redact
 from kmsagent.config import LogConfig
 from kmsagent.emulator import Fault, KmsEmulator
 from kmsagent.logs import LOG_FILE, close_logging, configure_logging
-from test_cli import AGENT_ENV, agent_process, stop, write_config
+from test_cli import AGENT_ENV, agent_process, stop, wait_for_text, write_config
 
 SECRET_PATH = "/secretsmanager/get?secretId=db/password"
 
@@ -48,7 +48,16 @@ async def test_aws_shape_reads_like_the_aws_agent(start_agent: StartAgent, emula
 async def test_vault_shape_reads_like_hvac(start_agent: StartAgent) -> None:
     agent = await start_agent(server={"response_type": 2}, cache={"ttl_seconds": 120})
     body = (await agent.get("/v1/app/config")).json()
-    assert set(body) == {"request_id", "lease_id", "renewable", "lease_duration", "data", "wrap_info", "warnings", "auth"}
+    assert set(body) == {
+        "request_id",
+        "lease_id",
+        "renewable",
+        "lease_duration",
+        "data",
+        "wrap_info",
+        "warnings",
+        "auth",
+    }
     assert (body["lease_id"], body["renewable"], body["lease_duration"]) == ("", False, 120)
     assert (body["wrap_info"], body["warnings"], body["auth"]) == (None, None, None)
     # hvac's read_secret returns this dict: callers take response["data"]["pass"].
@@ -173,23 +182,24 @@ async def test_sigterm_with_a_request_stuck_on_a_hanging_kms_exits_0_within_5_s(
     config = write_config(tmp_path, emulator.endpoint).read_text().replace("MaxRetries = 0", "ReadTimeoutMs = 60000")
     (tmp_path / "slow.toml").write_text(config)
     emulator.inject(Fault(delay=120))
-    async with agent_process(["--config", str(tmp_path / "slow.toml")], AGENT_ENV, tmp_path) as agent:
-        async with httpx.AsyncClient(headers={"X-KMS-Token": TOKEN}, timeout=30) as client, trio.open_nursery() as nursery:
-            errors: list[BaseException] = []
+    async with (
+        agent_process(["--config", str(tmp_path / "slow.toml")], AGENT_ENV, tmp_path) as agent,
+        httpx.AsyncClient(headers={"X-KMS-Token": TOKEN}, timeout=30) as client,
+        trio.open_nursery() as nursery,
+    ):
+        errors: list[BaseException] = []
 
-            async def stuck_request() -> None:
-                try:
-                    await client.get(agent.url(SECRET_PATH))
-                except httpx.HTTPError as error:
-                    errors.append(error)
+        async def stuck_request() -> None:
+            try:
+                await client.get(agent.url(SECRET_PATH))
+            except httpx.HTTPError as error:
+                errors.append(error)
 
-            nursery.start_soon(stuck_request)
-            with trio.fail_after(5):
-                while emulator.call_count("db/password") == 0:
-                    await trio.sleep(0.05)
-            started = trio.current_time()
-            assert await stop(agent) == 0
-            assert trio.current_time() - started < 5
+        nursery.start_soon(stuck_request)
+        await eventually(lambda: emulator.call_count("db/password") > 0, seconds=5, interval=0.05)
+        started = trio.current_time()
+        assert await stop(agent) == 0
+        assert trio.current_time() - started < 5
     emulator.clear_faults()
 
 
@@ -203,9 +213,7 @@ async def test_sighup_applies_a_new_ttl_and_survives_a_broken_file(tmp_path: Pat
                 return (await client.get(agent.url(SECRET_PATH))).headers["x-kms-agent-cache"]
 
             async def reloaded(marker: str) -> None:
-                with trio.fail_after(5):
-                    while marker not in agent.stderr_path.read_text():
-                        await trio.sleep(0.05)
+                await wait_for_text(agent.stderr_path, marker, seconds=5)
 
             assert [await outcome(), await outcome()] == ["miss", "hit"]
             config_path.write_text(original.replace("[Log]", "[Cache]\nTtlSeconds = 0\n[Log]"))
@@ -238,9 +246,7 @@ async def test_a_reload_whose_log_path_is_unusable_keeps_the_running_config(
             broken = original.replace(f'Path = "{tmp_path / "logs"}"', f'Path = "{log_path}"')
             config_path.write_text(broken.replace("[Log]", "[Cache]\nTtlSeconds = 0\n[Log]"))
             agent.process.send_signal(signal.SIGHUP)
-            with trio.fail_after(5):
-                while "keeping the running config" not in agent.stderr_path.read_text():
-                    await trio.sleep(0.05)
+            await wait_for_text(agent.stderr_path, "keeping the running config", seconds=5)
             assert await outcome() == "hit"  # TtlSeconds = 0 was not applied either
             assert agent.process.returncode is None
             logged = (tmp_path / "logs" / "kmsagent.log").read_text()
@@ -264,9 +270,7 @@ async def test_vault_lease_duration_is_the_ttl_in_force_after_a_reload(tmp_path:
             assert first["lease_duration"] == second["lease_duration"] == 300
             config_path.write_text(original.replace("[Log]", "[Cache]\nTtlSeconds = 60\n[Log]"))
             agent.process.send_signal(signal.SIGHUP)
-            with trio.fail_after(5):
-                while "TtlSeconds 300 -> 60" not in agent.stderr_path.read_text():
-                    await trio.sleep(0.05)
+            await wait_for_text(agent.stderr_path, "TtlSeconds 300 -> 60", seconds=5)
             outcome, third = await read()
             assert (outcome, third["lease_duration"]) == ("hit", 60)
         assert await stop(agent) == 0

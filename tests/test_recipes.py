@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.parse
@@ -33,7 +34,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", tempfile.gettempdir())}
 #: The names of issue 11: each broke the README's old Python client in its own way.
 NAMES = ["a+b", "a&b", "with space", "ünïcode/名前"]
 JSON_SECRET = "prod/db-password"
@@ -131,7 +132,9 @@ class Emulator:
 
 
 def start_emulator(args: list[str], folder: Path, cwd: Path = ROOT) -> Emulator:
-    process = start(args, env=BASE_ENV, cwd=cwd, stderr=folder / "emulator.stderr", marker="export ALIBABA_CLOUD_ACCESS_KEY_ID=")
+    process = start(
+        args, env=BASE_ENV, cwd=cwd, stderr=folder / "emulator.stderr", marker="export ALIBABA_CLOUD_ACCESS_KEY_ID="
+    )
     export_line = next(line for line in process.lines if line.startswith("export "))
     return Emulator(listening_port(process.lines), exported(export_line), process)
 
@@ -198,12 +201,14 @@ def server_table(config_recipe: str, port_line: str | None = None) -> str:
 
 kms_agent = agent_fixture("kms_agent", "[Server]\nHttpPort = 0\n")
 vault_agent = agent_fixture("vault_agent", server_table(recipe("hvac-config")))
-aws_agent = agent_fixture("aws_agent", server_table(recipe("aws-config"), "HttpPort = 2773"), token_variable="AWS_TOKEN")
+aws_agent = agent_fixture(
+    "aws_agent", server_table(recipe("aws-config"), "HttpPort = 2773"), token_variable="AWS_TOKEN"
+)
 
 
 def run(args: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout: float = 30) -> str:
-    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr
+    result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr  # not check=True: the failure shows stderr
     return result.stdout
 
 
@@ -244,7 +249,11 @@ def test_try_it_for_real_locally_runs_as_the_readme_shows(tmp_path: Path) -> Non
             marker="listening on http://127.0.0.1:",
             start_new_session=True,
         )
-        lines = agent.lines if any(line.startswith("dir=") for line in agent.lines) else agent.lines + read_until(agent.popen, "dir=")
+        lines = (
+            agent.lines
+            if any(line.startswith("dir=") for line in agent.lines)
+            else agent.lines + read_until(agent.popen, "dir=")
+        )
         folder = Path(next(line for line in lines if line.startswith("dir="))[4:])
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         assert stat.S_IMODE((folder / "token").stat().st_mode) == 0o600
@@ -283,7 +292,12 @@ def test_shell_recipe_fails_with_the_agents_error(kms_agent: Agent) -> None:
     """`--fail-with-body`: a script sees a non-zero status, and the agent's Code says why."""
     script = substitute(recipe("shell"), {"localhost:2025": f"localhost:{kms_agent.port}"}) + 'get_secret "$1"\n'
     result = subprocess.run(
-        ["bash", "-c", script, "bash", "no/such+secret"], env=kms_token_env(kms_agent), capture_output=True, text=True, timeout=30
+        ["bash", "-c", script, "bash", "no/such+secret"],
+        env=kms_token_env(kms_agent),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,  # it must fail
     )
     assert result.returncode != 0
     assert json.loads(result.stdout)["Code"] == "Forbidden.ResourceNotFound"
@@ -357,7 +371,10 @@ def test_aws_style_recipe_reads_any_legal_name(aws_agent: Agent, tmp_path: Path)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_emulator_stops_on_a_signal_with_exit_0_and_no_traceback(tmp_path: Path, signum: int) -> None:
     emulator = start_emulator([sys.executable, "-m", "kmsagent.emulator"], tmp_path)
-    assert re.fullmatch(r"export ALIBABA_CLOUD_ACCESS_KEY_ID=LTAIdev[0-9a-f]{16} ALIBABA_CLOUD_ACCESS_KEY_SECRET=[\w-]{32}", emulator.process.lines[2])
+    assert re.fullmatch(
+        r"export ALIBABA_CLOUD_ACCESS_KEY_ID=LTAIdev[0-9a-f]{16} ALIBABA_CLOUD_ACCESS_KEY_SECRET=[\w-]{32}",
+        emulator.process.lines[2],
+    )
     assert "demo/db-password" in emulator.process.lines[3]  # conf/dev-secrets.toml by default
     assert emulator.process.stop(signum) == 0
     assert (tmp_path / "emulator.stderr").read_text() == ""
@@ -372,7 +389,9 @@ def test_emulator_stops_on_a_signal_with_exit_0_and_no_traceback(tmp_path: Path,
         (["--secrets", str(ROOT / "README.md")], "README.md"),
     ],
 )
-def test_emulator_usage_errors_exit_2_with_one_line(args: list[str], named: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_emulator_usage_errors_exit_2_with_one_line(
+    args: list[str], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     status, stderr = run_emulator_main(args, capsys)
     assert status == 2
     assert len(stderr.strip().splitlines()) == 1 and named in stderr
@@ -394,6 +413,6 @@ def run_emulator_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tu
 
     try:
         status: object = main(args)
-    except SystemExit as exit:
-        status = exit.code
+    except SystemExit as stopped:
+        status = stopped.code
     return status, capsys.readouterr().err

@@ -44,13 +44,6 @@ async def wall_clock(autojump_clock: trio.testing.MockClock) -> Callable[[], flo
     return lambda: offset + trio.current_time()
 
 
-@pytest.fixture
-async def sts(nursery: trio.Nursery, emulator: KmsEmulator, wall_clock: Callable[[], float]) -> StsEmulator:
-    service = StsEmulator(emulator, clock=wall_clock)
-    await nursery.start(service.serve)
-    return service
-
-
 StartAgent = Callable[..., Any]
 
 
@@ -62,7 +55,11 @@ async def start(
     clients: list[httpx.AsyncClient] = []
 
     async def start_agent(
-        allowed: list[str], *, own: CredentialSource | None = None, credentials: dict[str, Any] | None = None, **sections: Any
+        allowed: list[str],
+        *,
+        own: CredentialSource | None = None,
+        credentials: dict[str, Any] | None = None,
+        **sections: Any,
     ) -> RunningAgent:
         settings = CredentialsConfig(
             allowed_role_arns=tuple(allowed), sts_endpoint=str(sts.endpoint), sts_protocol="http", **(credentials or {})
@@ -174,7 +171,12 @@ async def test_an_allowed_role_reads_what_its_role_may_read_with_its_own_session
     response = await read(agent, "api-key", arn)
     assert answer(response) == (200, "miss") and response.json()["SecretData"] == SECRETS["api-key"]
     [call] = sts.calls
-    assert (call.access_key_id, call.role_arn, call.session_name, call.duration_seconds) == (AK_ID, arn, "kmsagent", "3600")
+    assert (call.access_key_id, call.role_arn, call.session_name, call.duration_seconds) == (
+        AK_ID,
+        arn,
+        "kmsagent",
+        "3600",
+    )
     session_key = sts.issued[0].access_key_id
     assert emulator.calls[-1].access_key_id == session_key
     assert answer(await agent.get(f"/v1/api-key?roleArn={arn}")) == (200, "hit")  # the path route, same entry
@@ -225,7 +227,11 @@ async def test_an_sts_refusal_is_403_with_stss_code_remembered_per_role(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     good = sts.add_role("good")
-    arn = sts.add_role("refused", trusted=["LTAIsomeoneElse"]) if setup == "untrusted" else f"acs:ram::{sts.account_id}:role/gone"
+    arn = (
+        sts.add_role("refused", trusted=["LTAIsomeoneElse"])
+        if setup == "untrusted"
+        else f"acs:ram::{sts.account_id}:role/gone"
+    )
     agent = await start([good, arn])
     started = trio.current_time()
     response = await read(agent, "api-key", arn)
@@ -433,12 +439,21 @@ async def test_a_ram_role_arn_agent_chains_into_per_request_roles(
 ) -> None:
     first = sts.add_role("agent-role")
     second = sts.add_role("app-role", secrets=["api-key"])
-    config = CredentialsConfig(type="ram_role_arn", role_arn=first, source_type="access_key", sts_endpoint=str(sts.endpoint), sts_protocol="http")
+    config = CredentialsConfig(
+        type="ram_role_arn",
+        role_arn=first,
+        source_type="access_key",
+        sts_endpoint=str(sts.endpoint),
+        sts_protocol="http",
+    )
     env = {"ALIBABA_CLOUD_ACCESS_KEY_ID": AK_ID, "ALIBABA_CLOUD_ACCESS_KEY_SECRET": AK_SECRET}
     own = await credential_source(config, env, clock=wall_clock)
     agent = await start([second], own=own)
     assert answer(await read(agent, "api-key", second)) == (200, "miss")
-    assert [(call.role_arn, call.access_key_id) for call in sts.calls] == [(first, AK_ID), (second, sts.issued[0].access_key_id)]
+    assert [(call.role_arn, call.access_key_id) for call in sts.calls] == [
+        (first, AK_ID),
+        (second, sts.issued[0].access_key_id),
+    ]
     assert emulator.calls[-1].access_key_id == sts.issued[1].access_key_id
 
 

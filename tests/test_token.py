@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import TOKEN
+from conftest import TOKEN, eventually
 from kmsagent import token as token_module
 from kmsagent.emulator import KmsEmulator
 from kmsagent.token import MAX_TOKEN_FILE, FileState, TokenError, TokenSource
@@ -40,18 +40,21 @@ async def watch_for(source: TokenSource, looks: int, monkeypatch: pytest.MonkeyP
     Counted, not timed: a thread call lets the autojump clock run ahead of the watcher.
     """
     seen = 0
+    looked = trio.Event()
     real_read = token_module._read
 
-    def counting_read(*args: object) -> object:
+    def counting_read(*args: object) -> object:  # runs in the watcher's worker thread
         nonlocal seen
+        reading = real_read(*args)  # type: ignore[arg-type]
         seen += 1
-        return real_read(*args)  # type: ignore[arg-type]
+        if seen == looks:
+            trio.from_thread.run_sync(looked.set)
+        return reading
 
     monkeypatch.setattr(token_module, "_read", counting_read)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.watch)
-        while seen < looks:
-            await trio.sleep(token_module.WATCH_INTERVAL)
+        await looked.wait()
         nursery.cancel_scope.cancel()
     monkeypatch.setattr(token_module, "_read", real_read)
 
@@ -72,7 +75,7 @@ def test_no_variable_set_names_them_all() -> None:
 
 @pytest.mark.parametrize("value", ["  ", "file://"])
 def test_an_empty_token_or_file_name_is_refused(value: str) -> None:
-    with pytest.raises(TokenError, match="empty|names no token file"):
+    with pytest.raises(TokenError, match=r"empty|names no token file"):
         TokenSource.from_environment(NAMES, {"KMS_TOKEN": value})
 
 
@@ -246,7 +249,7 @@ async def test_a_missing_file_is_logged_once_not_every_second(
     await watch_for(source, 5, monkeypatch)
     lines = [line for line in captured_logs if "token file" in line]
     assert len(lines) == 4, lines
-    for line, says in zip(lines, ["missing", "usable again", "empty", "usable again"]):
+    for line, says in zip(lines, ["missing", "usable again", "empty", "usable again"], strict=True):
         assert says in line, lines
     assert source.matches([b"back-again"])
     assert not any(secret in "\n".join(captured_logs) for secret in ("now-there", "back-again"))
@@ -286,10 +289,11 @@ async def test_the_agent_starts_closed_without_its_token_file_and_opens_when_it_
             for candidate in (TOKEN, "", "file-token"):
                 response = await get("/v1/api-key", candidate)
                 assert (response.status_code, response.json()["Code"]) == (403, "BadToken")
+            async def accepted() -> bool:
+                return (await get("/v1/api-key", TOKEN)).status_code == 200
+
             write_token(token_file, TOKEN + "\n", 0o600)
-            with trio.fail_after(3):  # re-read within a second of the change
-                while (await get("/v1/api-key", TOKEN)).status_code != 200:
-                    await trio.sleep(0.05)
+            await eventually(accepted, seconds=3, interval=0.05)  # re-read within a second of the change
             assert (await get("/v1/api-key", "file-token")).status_code == 403
         assert await stop(agent, signal.SIGTERM) == 0
     stderr = agent.stderr_path.read_text()

@@ -115,11 +115,18 @@ async def run_agent(
         metrics.watch("kmsagent_cache_evictions", "Entries evicted by LRU.", lambda: cache.evictions, counter=True)
         metrics.watch("kmsagent_refreshes", "Background refreshes started.", lambda: refresher.started, counter=True)
         metrics.watch(
-            "kmsagent_refresh_batches", "Batched refreshes started (BatchGetSecretValue).", lambda: refresher.batches, counter=True
+            "kmsagent_refresh_batches",
+            "Batched refreshes started (BatchGetSecretValue).",
+            lambda: refresher.batches,
+            counter=True,
         )
         metrics.watch("kmsagent_connections_open", "HTTP connections open.", lambda: server.slots.open)
-        metrics.watch("kmsagent_active_roles", "Per-request roles with an STS session now (at most 20).", lambda: len(roles))
-        metrics.watch("kmsagent_log_lines_dropped", "Log lines a sink dropped: it could not keep up.", dropped_lines, counter=True)
+        metrics.watch(
+            "kmsagent_active_roles", "Per-request roles with an STS session now (at most 20).", lambda: len(roles)
+        )
+        metrics.watch(
+            "kmsagent_log_lines_dropped", "Log lines a sink dropped: it could not keep up.", dropped_lines, counter=True
+        )
         metrics.watch(
             "kmsagent_credentials_expiry_timestamp_seconds", "When the KMS credentials expire.", credentials.expiration
         )
@@ -148,8 +155,17 @@ async def run_agent(
             observe_run=metrics.observe_on_change,
         )
         supervisor = Supervisor(config.exec, store, environment=child_env) if config.exec.command else None
-        metrics.watch("kmsagent_exec_restarts", "[Exec] child restarts after Env changed.", lambda: supervisor.restarts if supervisor else 0, counter=True)
-        metrics.watch("kmsagent_exec_child_running", "1 while the [Exec] child runs.", lambda: int(bool(supervisor and supervisor.running)))
+        metrics.watch(
+            "kmsagent_exec_restarts",
+            "[Exec] child restarts after Env changed.",
+            lambda: supervisor.restarts if supervisor else 0,
+            counter=True,
+        )
+        metrics.watch(
+            "kmsagent_exec_child_running",
+            "1 while the [Exec] child runs.",
+            lambda: int(bool(supervisor and supervisor.running)),
+        )
         listening = trio.Event()
         stop_serving = shutdown
         if supervisor is not None:
@@ -195,7 +211,9 @@ async def write_files_once(
 ) -> list[str]:
     """`--once` (SPEC §1): writes every `[[Files]]` table once, trying for at most the Prefetch
     wait, and returns one line per file not written. No port is opened."""
-    formatter = response_format(config.server.response_type, region=config.kms.region, lease_seconds=lambda: config.cache.ttl_seconds)
+    formatter = response_format(
+        config.server.response_type, region=config.kms.region, lease_seconds=lambda: config.cache.ttl_seconds
+    )
     async with KmsClient.open(config.kms, credentials, clock=clock) as kms, trio.open_nursery() as nursery:
         cache: SecretCache[CacheKey, CachedSecret] = SecretCache(
             max_entries=config.cache.cache_size,

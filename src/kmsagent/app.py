@@ -153,7 +153,11 @@ class AgentApp(QuartTrio):
             if target is Route.PING:
                 status, headers, body = PING
             elif target is Route.METRICS:
-                status, headers, body = 200, [(b"content-type", self.metrics.content_type.encode())], self.metrics.render()
+                status, headers, body = (
+                    200,
+                    [(b"content-type", self.metrics.content_type.encode())],
+                    self.metrics.render(),
+                )
             else:
                 assert isinstance(target, SecretQuery)
                 secret_id = target.secret_id
@@ -174,7 +178,7 @@ class AgentApp(QuartTrio):
             if error.status >= 500:
                 logger.warning("secret {!r}: {}: {}", secret_id[:200], error.code, error.message)
             status, headers, body = self._error(error)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug costs its request a 500, logged with its traceback
             logger.exception("unexpected failure serving {}", scope.get("path", "?")[:200])
             status, headers, body = self._error(AgentError(500, "InternalFailure", "internal error"))
         self.metrics.requests.labels(self._route_label(scope), str(status)).inc()

@@ -35,10 +35,10 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -46,6 +46,8 @@ from kmsagent.changes import Changes
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+#: A policy that takes any key of a kind takes a narrower kind too (the Protocol's variance).
+K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 Load = Callable[[], Awaitable[V]]
 #: Loads several keys at once; reports each key's answer to the `Batch` it is given.
 BatchLoad = Callable[["Batch[K, V]"], Awaitable[None]]
@@ -82,16 +84,16 @@ class Entry(Generic[V]):
     refresh_due: bool = False
 
 
-class RefreshPolicy(Protocol[K]):
+class RefreshPolicy(Protocol[K_contra]):
     """Told what happens to entries; decides when to call `SecretCache.refresh`."""
 
-    def loaded(self, key: K, entry: Entry) -> None: ...
+    def loaded(self, key: K_contra, entry: Entry[Any]) -> None: ...
 
-    def read(self, key: K, entry: Entry) -> None: ...
+    def read(self, key: K_contra, entry: Entry[Any]) -> None: ...
 
-    def failed(self, key: K, entry: Entry) -> None: ...
+    def failed(self, key: K_contra, entry: Entry[Any]) -> None: ...
 
-    def forgotten(self, key: K) -> None:
+    def forgotten(self, key: K_contra) -> None:
         """`key` left the cache (evicted, dropped, cleared): nothing of it may be kept."""
 
 
@@ -125,7 +127,7 @@ class _Flight(Generic[K, V]):
 
 
 #: The flight whose load runs in the current task (set in the load's own task only).
-_current_flight: ContextVar[_Flight | None] = ContextVar("kmsagent_cache_flight", default=None)
+_current_flight: ContextVar[_Flight[Any, Any] | None] = ContextVar("kmsagent_cache_flight", default=None)
 
 
 @contextmanager
@@ -378,10 +380,8 @@ class SecretCache(Generic[K, V]):
 
     async def _fly_batch(self, batch: Batch[K, V], load_batch: BatchLoad[K, V], done: trio.Event) -> None:
         try:
-            try:
+            with suppress(Exception):  # a whole-batch failure is no key's answer: loaded one by one below
                 await load_batch(batch)
-            except Exception:  # noqa: S110 - a whole-batch failure is no key's answer: loaded one by one below
-                pass
             async with trio.open_nursery() as singles:
                 for key, (flight, load) in batch.unanswered().items():
                     singles.start_soon(self._fly, key, load, flight)
@@ -417,7 +417,7 @@ class SecretCache(Generic[K, V]):
         try:
             with flight.scope:
                 flight.value = await load()
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - whatever the load raised is its readers' answer
             flight.error = error
             self._failed(key, error)
         except BaseException:

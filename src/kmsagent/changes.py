@@ -27,7 +27,7 @@ K = TypeVar("K", bound=Hashable)
 class _Change:
     """The next change of one key: its waiters, and the error that dropped the key, if one did."""
 
-    __slots__ = ("lot", "error")
+    __slots__ = ("error", "lot")
 
     def __init__(self) -> None:
         self.lot = trio.lowlevel.ParkingLot()

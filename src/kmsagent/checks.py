@@ -113,7 +113,9 @@ def _parse_query(query_string: bytes, allowed: tuple[str, ...]) -> dict[str, str
         raw_name, _, raw_value = part.partition(b"=")
         name = _decode(raw_name.replace(b"+", b" "), "parameter name")
         if name not in allowed:
-            raise AgentError(400, "UnknownParameter", f"unknown parameter {name[:64]!r} (allowed: {', '.join(allowed)})")
+            raise AgentError(
+                400, "UnknownParameter", f"unknown parameter {name[:64]!r} (allowed: {', '.join(allowed)})"
+            )
         if name in params:
             raise AgentError(400, "InvalidParameter", f"parameter {name} is repeated")
         params[name] = _decode(raw_value.replace(b"+", b" "), name)

@@ -29,8 +29,8 @@ from kmsagent.config import (
     ServerConfig,
     check_log_folder,
     check_unix_socket,
-    files_folder_notes,
     dump_config,
+    files_folder_notes,
     load_config,
     with_command,
 )
@@ -115,13 +115,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", metavar="PATH", help="TOML config file (default: $KMSAGENT_CONFIG, else built-in defaults)")
+    parser.add_argument(
+        "--config", metavar="PATH", help="TOML config file (default: $KMSAGENT_CONFIG, else built-in defaults)"
+    )
     parser.add_argument("--check-config", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--dev", action="store_true", help="run against an embedded KMS emulator with demo secrets")
     parser.add_argument(
         "--port", metavar="N", type=_port, help="listen on port N, over [Server] HttpPort (--dev too); 0: any free port"
     )
-    parser.add_argument("--once", action="store_true", help="write every [[Files]] table once and exit (0, or 1 naming each file not written)")
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="write every [[Files]] table once and exit (0, or 1 naming each file not written)",
+    )
     parser.add_argument("--version", action="version", version=f"kmsagent {__version__}")
     return parser.parse_args(argv)
 
@@ -294,7 +300,8 @@ def _run_until_signal(
     The signal watcher runs before start-up begins: a stop signal during start-up (a Prefetch
     against a hanging KMS, say) cancels it, so no port opens and no "listening" line follows the
     signal. After start-up a first signal stops gracefully, and a second one, or `stop_seconds`
-    (STOP_DEADLINE; longer with a supervised child), cancels everything. `reloads`: SIGHUP belongs to reload.py; else it is logged and ignored.
+    (STOP_DEADLINE; longer with a supervised child), cancels everything. `reloads`: SIGHUP
+    belongs to reload.py; else it is logged and ignored.
     """
     signals.defer_stops()  # the watcher takes from here (a no-op unless __main__ held signals)
     signals.set_stop_deadline(stop_seconds)

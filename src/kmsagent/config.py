@@ -497,7 +497,7 @@ _endpoint_list = _list_of(
 
 
 def _fallback_endpoints(value: Any) -> tuple[str, ...]:
-    endpoints = _endpoint_list(value)
+    endpoints: tuple[str, ...] = _endpoint_list(value)
     if len(endpoints) > MAX_FALLBACK_ENDPOINTS:
         raise _Invalid(f"must be a list of at most {MAX_FALLBACK_ENDPOINTS} distinct host[:port]")
     return endpoints
@@ -530,7 +530,8 @@ _policy = _text(
     lambda text: text == "" or _is_policy(text),
 )
 _profile = _text(
-    'must be "" or a profile name of at most 128 printable characters', lambda text: len(text) <= 128 and text.isprintable()
+    'must be "" or a profile name of at most 128 printable characters',
+    lambda text: len(text) <= 128 and text.isprintable(),
 )
 _file_path = _text('must be "" or a file path (no control characters)', _is_path_text)
 _credentials_uri = _text(
@@ -538,7 +539,10 @@ _credentials_uri = _text(
     lambda text: text == "" or is_credentials_uri(text),
 )
 _allowed_role_arns = _list_of(
-    "must be a list of distinct role ARNs, acs:ram::<account-id>:role/<name>", is_role_arn, non_empty=False, unique_nocase=True
+    "must be a list of distinct role ARNs, acs:ram::<account-id>:role/<name>",
+    is_role_arn,
+    non_empty=False,
+    unique_nocase=True,
 )
 
 # --- [Exec] keys (SPEC §9) ---------------------------------------------------------------------------
@@ -698,7 +702,9 @@ def _check_protocol(kms: KmsConfig) -> None:
 def _check_credentials(credentials: CredentialsConfig) -> None:
     """Keys that only make sense together: a role to assume, and plain http only to an emulator."""
     if credentials.type == "ram_role_arn" and not credentials.role_arn:
-        raise ConfigError('[Credentials] RoleArn = "": must be acs:ram::<account-id>:role/<name> when Type = "ram_role_arn"')
+        raise ConfigError(
+            '[Credentials] RoleArn = "": must be acs:ram::<account-id>:role/<name> when Type = "ram_role_arn"'
+        )
     host = _authority_host(credentials.sts_endpoint) if credentials.sts_endpoint else None
     if credentials.sts_protocol == "http" and not (host and _is_loopback(host)):
         raise ConfigError(
@@ -757,7 +763,10 @@ def _gid(group: str) -> int | None:
 
 
 _FILE_KEYS: dict[str, tuple[str, _Check]] = {
-    "SecretId": ("secret_id", _text("must be a secret name, 1..1024 UTF-8 bytes", lambda t: 0 < len(t.encode()) <= 1024)),
+    "SecretId": (
+        "secret_id",
+        _text("must be a secret name, 1..1024 UTF-8 bytes", lambda t: 0 < len(t.encode()) <= 1024),
+    ),
     "Path": ("path", _text("must be an absolute path", lambda t: os.path.isabs(t) and "\0" not in t)),
     "VersionStage": ("version_stage", _text("must be a non-empty version stage", lambda t: 0 < len(t) <= 64)),
     "JsonKey": ("json_key", _text("must be a string")),
@@ -829,7 +838,9 @@ def _parse_files(value: Any) -> tuple[FileConfig, ...]:
         file = _parse_file(number, body)
         path = os.path.normpath(file.path)
         if path in seen:
-            raise ConfigError(f"[[Files]] #{number} Path = {_show_path(file.path)}: the same Path as [[Files]] #{seen[path]}")
+            raise ConfigError(
+                f"[[Files]] #{number} Path = {_show_path(file.path)}: the same Path as [[Files]] #{seen[path]}"
+            )
         seen[path] = number
         files.append(file)
     return tuple(files)
@@ -857,7 +868,9 @@ def _check_files_and_exec(config: Config, *, command_known: bool) -> None:
                 "always cached; CacheSize must be at least that"
             )
     if command_known and config.exec.env and not runs_child:
-        raise ConfigError("[Exec] Env: there is no program to give it to; set [Exec] Command or run kmsagent -- CMD ARGS")
+        raise ConfigError(
+            "[Exec] Env: there is no program to give it to; set [Exec] Command or run kmsagent -- CMD ARGS"
+        )
     if command_known and runs_child:
         program = config.exec.command[0]
         if shutil.which(program) is None:
@@ -1061,8 +1074,8 @@ def dump_config(config: Config) -> str:
     for name, (attr, _) in _SECTIONS.items():
         section = getattr(config, attr)
         lines = [f"[{name}]"]
-        for row in _KEYS_BY_SECTION[name].values():
-            lines.append(f"{row.key} = {row.toml(getattr(section, row.field_name))}")
+        rows = _KEYS_BY_SECTION[name].values()
+        lines.extend(f"{row.key} = {row.toml(getattr(section, row.field_name))}" for row in rows)
         blocks.append("\n".join(lines) + "\n")
     for file in config.files:
         lines = ["[[Files]]"]

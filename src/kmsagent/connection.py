@@ -27,7 +27,7 @@ It also ends the connection as soon as the client is gone, so the slot of the ca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 import h11
@@ -37,9 +37,9 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, Data, EndBody, Response
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
-from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.task_group import _handle as run_app
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState
+from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, ConnectionState, Scope
 from hypercorn.utils import parse_socket_addr
 
 from kmsagent.errors import AgentError
@@ -169,6 +169,72 @@ class _Http11Only(H11Protocol):
         await self._send_h11_event(h11.EndOfMessage())
 
 
+class _AppInbox:
+    """The ASGI `receive` queue of one request: at most `limit` messages, then `put` waits.
+
+    hypercorn gives every request a trio memory channel (about 1.5 KB with its deque and
+    bookkeeping) and puts at least two messages in it (the end of the request, then
+    `http.disconnect`). The agent's requests are GETs without a body, whose app never calls
+    `receive`, and a held one (`Prefer: wait`) kept that channel for minutes; a waiter may cost
+    20 KB in all (issue 12). Here the queue is a list, and a parking lot is made only when one
+    side has to wait for the other (one producer, the connection; one consumer, the app).
+    """
+
+    __slots__ = ("_limit", "_messages", "_waiting")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(1, limit)
+        self._messages: list[ASGIReceiveEvent] = []
+        self._waiting: trio.lowlevel.ParkingLot | None = None
+
+    async def _wait(self) -> None:
+        if self._waiting is None:
+            self._waiting = trio.lowlevel.ParkingLot()
+        await self._waiting.park()
+
+    async def put(self, message: ASGIReceiveEvent) -> None:
+        while len(self._messages) >= self._limit:
+            await self._wait()
+        self._messages.append(message)
+        if self._waiting:
+            self._waiting.unpark_all()
+
+    async def receive(self) -> ASGIReceiveEvent:
+        while not self._messages:
+            await self._wait()
+        message = self._messages.pop(0)
+        if self._waiting:
+            self._waiting.unpark_all()
+        return message
+
+
+class _Exchanges:
+    """hypercorn's trio `TaskGroup` on a nursery of the connection's, with a lazy `_AppInbox`
+    per request in place of its memory channel (and no context manager of its own: the nursery's
+    cancel scope is the one a hang-up cancels)."""
+
+    __slots__ = ("_nursery",)
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: HypercornConfig,
+        scope: Scope,
+        send: Callable[[ASGISendEvent | None], Awaitable[None]],
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        inbox = _AppInbox(config.max_app_queue_size)
+        self._nursery.start_soon(
+            run_app, app, config, scope, inbox.receive, send, trio.to_thread.run_sync, trio.from_thread.run
+        )
+        return inbox.put
+
+    def spawn(self, func: Callable[..., Awaitable[object]], *args: object) -> None:
+        self._nursery.start_soon(func, *args)
+
+
 class Connection:
     """Serves one accepted stream until the client leaves, idles out, or the server stops."""
 
@@ -188,15 +254,20 @@ class Connection:
         self._stream = stream
         self._error_body = error_body
         self._buffer: list[bytes] = []
-        self._send_lock = trio.Lock()
+        #: A flush is under way; `_flushed` is made only when another one waits for it. A
+        #: `trio.Lock` cost every connection 0.5 KB and every response a checkpoint.
+        self._flushing = False
+        self._flushed: trio.Event | None = None
         self._reading = trio.CancelScope(deadline=trio.current_time() + config.keep_alive_timeout)
-        self._exchanges = trio.CancelScope()
+        #: The cancel scope of the nursery that runs the requests (and the read loop).
+        self._exchanges: trio.CancelScope | None = None
         #: Bytes read while a request was in progress, not yet given to the parser.
         self._held = bytearray()
         #: Set while the read loop waits for a request in progress that has more behind it.
         self._wake: trio.CancelScope | None = None
-        #: Sends under way (shielded), whose deadline a server shutdown brings forward.
-        self._sendings: set[trio.CancelScope] = set()
+        #: Sends under way or waiting their turn (shielded), whose deadline a server shutdown
+        #: brings forward; made at the first send.
+        self._sendings: set[trio.CancelScope] | None = None
         self._stop_deadline = math.inf
         #: No request in progress and no response unsent.
         self.idle = True
@@ -209,21 +280,21 @@ class Connection:
             server = parse_socket_addr(socket.family, socket.getsockname())
             # A client that hangs up mid-request cancels it, so its slot of the cap comes back at
             # once rather than when a slow KMS answers (the load itself goes on for the cache).
-            with self._exchanges:
-                async with TaskGroup() as task_group:
-                    self._protocol = _Http11Only(
-                        self._app,
-                        self._config,
-                        self._context,
-                        task_group,
-                        self._state,
-                        False,
-                        client,
-                        server,
-                        self._protocol_send,
-                        error_body=self._error_body,
-                    )
-                    await self._read()
+            async with trio.open_nursery() as nursery:
+                self._exchanges = nursery.cancel_scope
+                self._protocol = _Http11Only(
+                    self._app,
+                    self._config,
+                    self._context,
+                    _Exchanges(nursery),
+                    self._state,
+                    False,
+                    client,
+                    server,
+                    self._protocol_send,
+                    error_body=self._error_body,
+                )
+                await self._read()
         except OSError:
             pass
         finally:
@@ -247,13 +318,14 @@ class Connection:
         self._buffer.clear()
         self._held = bytearray()
         self._wake = None
-        self._sendings.clear()
+        self._exchanges = None
+        self._sendings = None
 
     def stop(self, deadline: float) -> None:
         """Server shutdown: an idle connection ends now; a busy one may finish its response until
         `deadline`, its send included (SPEC §1: exit within 5 s, whatever the client does)."""
         self._stop_deadline = deadline
-        for sending in self._sendings:
+        for sending in self._sendings or ():
             sending.deadline = min(sending.deadline, deadline)
         if self.idle:
             self._reading.cancel()
@@ -279,13 +351,13 @@ class Connection:
                 if received is None:
                     continue  # the exchange ended: on to what waits
                 if not received:
-                    if not self.idle:
+                    if not self.idle and self._exchanges is not None:
                         self._exchanges.cancel()
                     break
                 if self._waiting or not (self.idle or self._protocol.receiving_body):
                     self._held += received  # behind the request in progress
                 else:
-                    await self._protocol.feed(received)
+                    await self._protocol.feed(bytes(received))  # bytes() of a bytes is the same object
         await self._protocol.handle(Closed())
 
     @property
@@ -295,7 +367,8 @@ class Connection:
 
     async def _receive_ahead(self) -> bytes | bytearray | None:
         """Reads at most HOLD_LIMIT ahead while a request is in progress; None once it ends."""
-        with trio.CancelScope() as self._wake:
+        with trio.CancelScope() as wake:
+            self._wake = wake
             try:
                 room = HOLD_LIMIT - len(self._held)
                 if room <= 0:
@@ -335,16 +408,29 @@ class Connection:
         # cannot hold the task past SEND_TIMEOUT, nor past the server's shutdown deadline.
         deadline = min(trio.current_time() + SEND_TIMEOUT, self._stop_deadline)
         with trio.CancelScope(shield=True, deadline=deadline) as sending:
+            if self._sendings is None:
+                self._sendings = set()
             self._sendings.add(sending)
             try:
-                async with self._send_lock:
+                while self._flushing:  # one flush at a time: a response's bytes, then the EOF
+                    if self._flushed is None:
+                        self._flushed = trio.Event()
+                    await self._flushed.wait()
+                self._flushing = True
+                try:
                     if data:
                         await self._stream.send_all(data)
                     if eof:
                         await self._stream.send_eof()
+                finally:
+                    self._flushing = False
+                    flushed, self._flushed = self._flushed, None
+                    if flushed is not None:
+                        flushed.set()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._reading.cancel()
             finally:
-                self._sendings.discard(sending)
+                if self._sendings is not None:
+                    self._sendings.discard(sending)
         if sending.cancelled_caught:
             self._reading.cancel()

@@ -129,7 +129,9 @@ async def _dev_credentials(
         sts = StsEmulator(emulator)
         sts.add_role(config.role_arn, max_session_duration=43200)
         port = await nursery.start(sts.serve)
-        request = RoleRequest(config.role_arn, config.role_session_name, config.duration_seconds, config.external_id, config.policy)
+        request = RoleRequest(
+            config.role_arn, config.role_session_name, config.duration_seconds, config.external_id, config.policy
+        )
         endpoint = StsEndpoint(f"127.0.0.1:{port}", "http")
         return AssumeRoleSession(demo, request, endpoint, renew_before=config.renew_before_seconds)
     return demo

@@ -97,7 +97,11 @@ def _state_on_disk(path: str, content: bytes, mode: int, uid: int | None, gid: i
         before = os.lstat(path)
     except FileNotFoundError:
         return "missing"
-    if not stat.S_ISREG(before.st_mode) or before.st_size != len(content) or not _attributes_match(before, mode, uid, gid):
+    if (
+        not stat.S_ISREG(before.st_mode)
+        or before.st_size != len(content)
+        or not _attributes_match(before, mode, uid, gid)
+    ):
         return "different"
     try:  # O_NONBLOCK: should a FIFO be swapped in after the lstat, the open does not hang
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -159,7 +163,11 @@ def remove_leftovers(path: str) -> int:
     prefix, removed = f".{name}.", 0
     with contextlib.suppress(OSError), os.scandir(folder or ".") as entries:
         for entry in entries:
-            if entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+            if (
+                entry.name.startswith(prefix)
+                and entry.name.endswith(TEMP_SUFFIX)
+                and entry.is_file(follow_symlinks=False)
+            ):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed += 1
@@ -207,13 +215,17 @@ class OnChange:
             return
         output = " | ".join(lines) if lines else "no output"
         if returncode is None:
-            logger.error("{}: OnChange {!r} killed after {:.0f}s; output: {}", self._label, program, ON_CHANGE_LIMIT, output)
+            logger.error(
+                "{}: OnChange {!r} killed after {:.0f}s; output: {}", self._label, program, ON_CHANGE_LIMIT, output
+            )
             self._observe("timeout")
         elif returncode == 0:
             logger.info("{}: OnChange {!r} succeeded; output: {}", self._label, program, output)
             self._observe("success")
         else:
-            logger.error("{}: OnChange {!r} failed ({}); output: {}", self._label, program, describe(returncode), output)
+            logger.error(
+                "{}: OnChange {!r} failed ({}); output: {}", self._label, program, describe(returncode), output
+            )
             self._observe("failure")
 
 
@@ -297,7 +309,9 @@ class SecretFile:
                 return self._failed(outcome, f"the secret cannot be loaded: {update.code}: {update.message}")
             content = render(self.config, self._template, update.secret)
             config = self.config
-            outcome = await trio.to_thread.run_sync(sync_file, config.path, content, config.mode, config.uid, config.gid)
+            outcome = await trio.to_thread.run_sync(
+                sync_file, config.path, content, config.mode, config.uid, config.gid
+            )
         except RenderError as error:
             return self._failed("render-error", f"the file was left as it was: {error}")
         except OSError as error:
@@ -310,7 +324,9 @@ class SecretFile:
         if outcome == "unchanged":
             logger.debug("{}: unchanged (version {})", self.label, _version(update))
         else:
-            logger.info("{}: {} (version {})", self.label, "written" if outcome == "created" else "rewritten", _version(update))
+            logger.info(
+                "{}: {} (version {})", self.label, "written" if outcome == "created" else "rewritten", _version(update)
+            )
         return outcome
 
     def _failed(self, outcome: str, problem: str) -> str:

@@ -1,7 +1,8 @@
 """Response bodies of SPEC §4: one formatter per `ResponseType`, for secrets and for errors.
 
 A secret body is rendered once when KMS's answer arrives and cached as bytes, so a cache hit
-encodes no JSON; it is also the one copy of the value the cache keeps (`read_back`). `finish` completes that cached part for one answer: ResponseType 2 (Vault)
+encodes no JSON; it is also the one copy of the value the cache keeps (`read_back` reads the
+value back from it). `finish` completes that cached part for one answer: ResponseType 2 (Vault)
 needs a fresh `request_id` per answer and the `lease_duration` in force after a reload, so only
 its `data` member is cached and the envelope is put around it per answer (≈3 µs: a random UUID
 and one bytes formatting); the other formats return the cached body as is.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NoReturn, Protocol
 
 from kmsagent.errors import AgentError
@@ -103,7 +104,7 @@ def epoch_seconds(create_time: object) -> str:
     try:
         moment = datetime.fromisoformat(create_time.strip().upper())
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return f"{moment.timestamp():.3f}"
     except (ValueError, OverflowError):
         return UNKNOWN_DATE

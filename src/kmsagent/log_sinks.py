@@ -16,6 +16,7 @@ costs one write, not one per line. This module knows nothing of loguru or of the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import stat
@@ -212,7 +213,7 @@ class QueuedWriter:
                 self.dropped += len(self._lines)
                 self._lines.clear()
                 self._chars = 0
-        global _dropped_by_closed
+        global _dropped_by_closed  # noqa: PLW0603 - the process's total, kept under _dropped_lock
         with _dropped_lock:
             if self in _live:
                 _live.discard(self)
@@ -233,10 +234,8 @@ class QueuedWriter:
             except Exception:  # noqa: BLE001 - a full disk or a closed pipe loses these lines, not the agent
                 with self._ready:
                     self.dropped += len(batch)
-        try:
+        with contextlib.suppress(OSError):
             self.destination.close()
-        except OSError:
-            pass
 
 
 def _write_all(fd: int, data: bytes) -> None:

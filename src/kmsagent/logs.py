@@ -19,6 +19,7 @@ of hypercorn and the SDKs are routed into loguru.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -199,13 +200,17 @@ def configure_logging(config: LogConfig) -> None:
     up to CLOSE_WAIT to write what it has queued, then the new file's writer starts (lines keep
     their order). stderr keeps its writer across reloads.
     """
-    global _installed, _default_removed
+    global _installed, _default_removed  # noqa: PLW0603 - loguru's handlers are process-wide too
     level = LEVELS[config.level]
     file = _open_file(config)
     with _lock:
         previous = _installed
         kept = previous.writers[0] if previous is not None else None
-        if kept is not None and isinstance(kept.destination, StreamDestination) and kept.destination.stream is sys.stderr:
+        if (
+            kept is not None
+            and isinstance(kept.destination, StreamDestination)
+            and kept.destination.stream is sys.stderr
+        ):
             stderr = kept
         else:
             stderr = QueuedWriter(StreamDestination(sys.stderr), name="stderr")
@@ -223,10 +228,8 @@ def configure_logging(config: LogConfig) -> None:
                     writer.close(deadline)
         if not _default_removed:  # loguru's own stderr handler, in its own format
             _default_removed = True
-            try:
+            with contextlib.suppress(ValueError):  # someone removed it before us
                 logger.remove(0)
-            except ValueError:
-                pass
         for writer in writers:
             writer.start()
     logging.basicConfig(handlers=[_ToLoguru()], level=level, force=True)

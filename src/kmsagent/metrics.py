@@ -31,10 +31,16 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "kmsagent_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=self.registry
+            "kmsagent_requests",
+            "HTTP requests answered, by route and status.",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.cache_results = Counter(
-            "kmsagent_cache_results", "Secret reads by how the cache answered them.", ["outcome"], registry=self.registry
+            "kmsagent_cache_results",
+            "Secret reads by how the cache answered them.",
+            ["outcome"],
+            registry=self.registry,
         )
         self.kms_requests = Counter(
             "kmsagent_kms_requests", "Calls to KMS (each try), by outcome.", ["outcome"], registry=self.registry

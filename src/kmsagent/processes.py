@@ -48,7 +48,8 @@ def make_non_dumpable() -> bool:
     ptrace. False where the call is not available (not Linux)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+        result: int = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # ctypes calls are untyped
+        return result == 0
     except (OSError, AttributeError):
         return False
 

@@ -173,7 +173,9 @@ class RoleSessions:
         )
         active = self._active[role] = _Active(session, trio.CancelScope())
         self._tasks.start_soon(self._run, active)
-        logger.info("per-request role {}: assuming it ({} of at most {} roles active)", arn, len(self._active), self._max_active)
+        logger.info(
+            "per-request role {}: assuming it ({} of at most {} roles active)", arn, len(self._active), self._max_active
+        )
         while len(self._active) > self._max_active:
             self._drop(next(iter(self._active)), f"least recently used of more than {self._max_active}")
         return session
@@ -196,4 +198,6 @@ class RoleSessions:
         active = self._active.pop(role)
         active.scope.cancel()
         dropped = self._cache.drop_where(lambda key: key[0] == role)
-        logger.info("per-request role {} dropped ({}) with {} cache entries", active.session.request.role_arn, why, dropped)
+        logger.info(
+            "per-request role {} dropped ({}) with {} cache entries", active.session.request.role_arn, why, dropped
+        )

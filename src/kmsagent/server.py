@@ -253,7 +253,14 @@ class HttpServer:
     """
 
     def __init__(
-        self, app: AgentApp, *, port: int, ipv6: bool, max_conn: int, error_body: ErrorBody, unix: ServerConfig | None = None
+        self,
+        app: AgentApp,
+        *,
+        port: int,
+        ipv6: bool,
+        max_conn: int,
+        error_body: ErrorBody,
+        unix: ServerConfig | None = None,
     ) -> None:
         self._agent_app = app
         self._config = HypercornConfig()
@@ -379,7 +386,7 @@ class HttpServer:
         self._connections.add(connection)
         try:
             await connection.run()
-        except Exception:  # one broken connection must never take the server down
+        except Exception:  # noqa: BLE001 - one broken connection must never take the server down
             logger.exception("connection handler failed")
         finally:
             self._connections.discard(connection)

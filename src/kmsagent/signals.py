@@ -24,6 +24,7 @@ This module imports only the standard library: it runs before everything else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -52,7 +53,7 @@ def hold() -> None:
     For the program's entry point only: a process that merely imports kmsagent (tests, an
     embedding program) keeps its own signal handling.
     """
-    global _guard_fd, _exit_at_once
+    global _guard_fd, _exit_at_once  # noqa: PLW0603 - signal dispositions belong to the process
     _exit_at_once = True
     if _guard_fd is None:
         read_fd, _guard_fd = os.pipe()
@@ -65,14 +66,14 @@ def hold() -> None:
 
 def defer_stops() -> None:
     """From now on a stop signal is recorded for the agent to act on, not an immediate exit."""
-    global _exit_at_once
+    global _exit_at_once  # noqa: PLW0603 - read by the signal handler, which takes no arguments
     _exit_at_once = False
 
 
 def set_stop_deadline(seconds: float) -> None:
     """The agent cancels what is left `seconds` after the first stop (longer with a supervised
     child, SPEC §1); the guard fires GUARD_MARGIN later."""
-    global GUARD_SECONDS
+    global GUARD_SECONDS  # noqa: PLW0603 - read by the guard thread, one per process
     GUARD_SECONDS = seconds + GUARD_MARGIN
 
 
@@ -85,10 +86,8 @@ def take(*signums: int) -> int:
 def arm_guard() -> None:
     """Starts the guard's countdown; later calls change nothing. A no-op before `hold()`."""
     if _guard_fd is not None:
-        try:
+        with contextlib.suppress(OSError):  # the pipe is full: it was armed long ago
             os.write(_guard_fd, b"!")
-        except OSError:  # the pipe is full: it was armed long ago
-            pass
 
 
 def guard_receivers(*signums: int) -> None:
@@ -124,8 +123,6 @@ def _guard(read_fd: int) -> None:
     time.sleep(GUARD_SECONDS)
     # Only when stderr can take the line without blocking: a full pipe must not hold the exit.
     if select.select([], [2], [], 0)[1]:
-        try:
+        with contextlib.suppress(OSError):
             os.write(2, b"kmsagent: still stopping after %.1f s; exiting now\n" % GUARD_SECONDS)
-        except OSError:
-            pass
     os._exit(0)  # no flush of Python's buffers: a stuck writer may hold their locks

@@ -66,7 +66,9 @@ def canonical_headers(headers: Mapping[str, str | bytes | None]) -> tuple[str, s
     return canonical, ";".join(names)
 
 
-def acs3_authorization(request: SignableRequest, sign_type: str, payload_hash: str, access_key_id: str, secret: str) -> str:
+def acs3_authorization(
+    request: SignableRequest, sign_type: str, payload_hash: str, access_key_id: str, secret: str
+) -> str:
     """The `Authorization` header of an ACS3-HMAC-SHA256 request; `Utils.get_authorization`'s drop-in.
 
     Canonical request: method, path, canonical query, canonical headers, signed header names and
@@ -93,5 +95,5 @@ def rpc_signature(params: Mapping[str, str | None], method: str, secret: str) ->
     present = {key: value for key, value in params.items() if value is not None}
     pairs = "&".join(f"{quote(key, safe='~')}={quote(present[key], safe='~')}" for key in sorted(present))
     string_to_sign = f"{method}&%2F&{quote_plus(pairs, safe='~')}"
-    digest = hmac.new(f"{secret}&".encode("utf-8"), string_to_sign.encode("utf-8"), hashlib.sha1).digest()
+    digest = hmac.new(f"{secret}&".encode(), string_to_sign.encode("utf-8"), hashlib.sha1).digest()
     return base64.b64encode(digest).decode("utf-8")

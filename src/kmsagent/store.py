@@ -19,7 +19,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import trio
 from loguru import logger
@@ -143,7 +143,9 @@ class SecretStore:
         try:
             return await self.cache.get(key, load, refresh=query.refresh, keep_loading=keep_loading, deadline=deadline)
         except WaitTimedOut:
-            waited = f"{self._request_timeout * 1000:.0f} ms" if math.isfinite(self._request_timeout) else "its deadline"
+            waited = (
+                f"{self._request_timeout * 1000:.0f} ms" if math.isfinite(self._request_timeout) else "its deadline"
+            )
             raise UpstreamTimeout(f"KMS did not answer within RequestTimeoutMs ({waited})") from None
 
     def _hold(self, key: Key, secret: SecretValue) -> CachedSecret:
@@ -207,7 +209,9 @@ class SecretStore:
         try:
             answers = await self._kms.batch_get_secret_values(list(names))
         except AgentError as error:
-            logger.debug("batched refresh of {} secrets failed ({}); refreshing them one by one", len(names), error.code)
+            logger.debug(
+                "batched refresh of {} secrets failed ({}); refreshing them one by one", len(names), error.code
+            )
             return
         for name, answer in answers.items():
             key = names[name]
@@ -270,5 +274,5 @@ class SecretStore:
         except ValueError:
             return None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
+            moment = moment.replace(tzinfo=UTC)
         return trio.current_time() + (moment.timestamp() - self._clock())

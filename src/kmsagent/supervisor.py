@@ -122,7 +122,9 @@ class Supervisor:
 
     async def _receive(self, secret_id: str, update: Update) -> None:
         if isinstance(update, AgentError):
-            self._log_once(secret_id, f"[Exec] Env secret {secret_id!r} cannot be loaded: {update.code}: {update.message}")
+            self._log_once(
+                secret_id, f"[Exec] Env secret {secret_id!r} cannot be loaded: {update.code}: {update.message}"
+            )
             return
         self._values[secret_id] = update.secret
         rendered: dict[str, str] = {}
@@ -133,7 +135,9 @@ class Supervisor:
             try:
                 rendered[name] = env_value(secret, json_key)
             except RenderError as error:
-                self._log_once(name, f"[Exec] Env {name} (secret {reference_id!r}): {error}; keeping the previous values")
+                self._log_once(
+                    name, f"[Exec] Env {name} (secret {reference_id!r}): {error}; keeping the previous values"
+                )
                 return
             self._logged.pop(name, None)
         self._logged.pop(secret_id, None)
@@ -212,7 +216,9 @@ class Supervisor:
             await child.exited()
         if waited.cancelled_caught:
             logger.warning(
-                "[Exec] the program did not stop within {}s of {}: SIGKILL", self._config.stop_timeout_seconds, signum.name
+                "[Exec] the program did not stop within {}s of {}: SIGKILL",
+                self._config.stop_timeout_seconds,
+                signum.name,
             )
             child.kill_group()
         return await child.reap()

@@ -105,7 +105,9 @@ class TokenSource:
     def from_file(cls, path: Path) -> TokenSource:
         """A source watching `path`, with whatever it holds now (read once, without blocking)."""
         source = cls(None, path)
-        source._take(_read(path, None))
+        reading = _read(path, None)
+        assert reading is not None  # with no previous stamp there is always a reading
+        source._take(reading)
         return source
 
     @property

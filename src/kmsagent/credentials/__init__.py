@@ -5,8 +5,8 @@ from kmsagent.credentials.base import Credentials, CredentialSource, Credentials
 from kmsagent.credentials.chain import check_credentials, credential_source
 
 __all__ = [
-    "Credentials",
     "CredentialSource",
+    "Credentials",
     "CredentialsUnavailable",
     "StaticCredentials",
     "check_credentials",

@@ -66,7 +66,11 @@ class _Chain:
         return Path(self.env.get("HOME") or os.path.expanduser("~"))
 
     def cli_path(self) -> Path:
-        return Path(self.config.cli_config_path) if self.config.cli_config_path else self.home() / ".aliyun" / "config.json"
+        return (
+            Path(self.config.cli_config_path)
+            if self.config.cli_config_path
+            else self.home() / ".aliyun" / "config.json"
+        )
 
     def ini_path(self) -> Path:
         given = self.config.credentials_file or self.env.get("ALIBABA_CLOUD_CREDENTIALS_FILE", "").strip()
@@ -101,7 +105,12 @@ class _Chain:
     def sts_endpoint(self, profile_region: str = "", vpc: bool | None = None) -> StsEndpoint:
         config = self.config
         return StsEndpoint.of(
-            config.sts_endpoint, config.sts_protocol, region=self.region, env=self.env, profile_region=profile_region, vpc=vpc
+            config.sts_endpoint,
+            config.sts_protocol,
+            region=self.region,
+            env=self.env,
+            profile_region=profile_region,
+            vpc=vpc,
         )
 
     def build(self, spec: Spec) -> CredentialSource:
@@ -134,19 +143,27 @@ class _Chain:
         return EcsRamRoleCredentials(self.config, clock=self.clock, role_name=role)
 
     def oidc(self) -> OidcRoleCredentials:
-        return OidcRoleCredentials.from_environment(self.env, sts_endpoint=self.config.sts_endpoint, sts_region=self.region)
+        return OidcRoleCredentials.from_environment(
+            self.env, sts_endpoint=self.config.sts_endpoint, sts_region=self.region
+        )
 
     def uri(self) -> UriCredentials | None:
         if self.config.credentials_uri:
-            return UriCredentials(self.config.credentials_uri, renew_before=self.config.renew_before_seconds, clock=self.clock)
+            return UriCredentials(
+                self.config.credentials_uri, renew_before=self.config.renew_before_seconds, clock=self.clock
+            )
         given = self.env.get(URI_ENVIRONMENT, "").strip()
         if not given:
             return None
-        return UriCredentials(given, renew_before=self.config.renew_before_seconds, clock=self.clock, origin=URI_ENVIRONMENT)
+        return UriCredentials(
+            given, renew_before=self.config.renew_before_seconds, clock=self.clock, origin=URI_ENVIRONMENT
+        )
 
     def role_request(self) -> RoleRequest:
         config = self.config
-        return RoleRequest(config.role_arn, config.role_session_name, config.duration_seconds, config.external_id, config.policy)
+        return RoleRequest(
+            config.role_arn, config.role_session_name, config.duration_seconds, config.external_id, config.policy
+        )
 
 
 # --- the explicit types -----------------------------------------------------------------------------
@@ -161,7 +178,8 @@ def _from_environment(kind: str, env: Mapping[str, str]) -> CredentialSource:
         )
     if source is None:
         raise CredentialsUnavailable(
-            'Type = "access_key" needs ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET in the environment'
+            'Type = "access_key" needs ALIBABA_CLOUD_ACCESS_KEY_ID and ALIBABA_CLOUD_ACCESS_KEY_SECRET '
+            "in the environment"
         )
     return source
 

@@ -30,7 +30,7 @@ from kmsagent.errors import AgentError, UpstreamUnavailable
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["EcsRamRoleCredentials", "MetadataError", "REJECTION_RENEW_INTERVAL", "probe"]
+__all__ = ["REJECTION_RENEW_INTERVAL", "EcsRamRoleCredentials", "MetadataError", "probe"]
 
 TOKEN_PATH = "/latest/api/token"
 ROLES_PATH = "/latest/meta-data/ram/security-credentials/"

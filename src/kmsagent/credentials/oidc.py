@@ -37,7 +37,9 @@ class OidcRoleCredentials:
         self._expiration: float | None = None
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str], *, sts_endpoint: str = "", sts_region: str = "") -> OidcRoleCredentials:
+    def from_environment(
+        cls, env: Mapping[str, str], *, sts_endpoint: str = "", sts_region: str = ""
+    ) -> OidcRoleCredentials:
         """The SDK provider for the RRSA variables in `env` (it reads os.environ only at import).
 
         STS: `sts_endpoint` when set, else sts.<ALIBABA_CLOUD_STS_REGION, else `sts_region`>.
@@ -91,7 +93,7 @@ class OidcRoleCredentials:
         with trio.move_on_after(STS_WAIT):
             try:
                 answer = await trio.to_thread.run_sync(self._provider.get_credentials, abandon_on_cancel=True)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - the SDK raises any kind; only its type is shown
                 raise UpstreamUnavailable(f"OIDC role credentials unavailable ({type(error).__name__})") from None
             self._expiration = float(answer.get_expiration()) if answer.get_expiration() else None
             return Credentials(

@@ -25,7 +25,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import trio
 from loguru import logger
@@ -84,7 +84,7 @@ class OidcSpec:
     sts_region: str = ""
 
 
-Spec = Union[StaticSpec, RoleSpec, EcsSpec, OidcSpec]
+Spec = StaticSpec | RoleSpec | EcsSpec | OidcSpec
 
 
 @dataclass(frozen=True)
@@ -162,11 +162,15 @@ def parse_cli_config(raw: bytes, path: Path, profile: str, defaults: Defaults = 
     profiles = document.get("profiles")
     if not isinstance(profiles, list):
         raise ProfileError(f"{path}: no \"profiles\" list")
-    by_name = {item.get("name"): item for item in profiles if isinstance(item, dict) and isinstance(item.get("name"), str)}
+    by_name = {
+        item.get("name"): item for item in profiles if isinstance(item, dict) and isinstance(item.get("name"), str)
+    }
     return name, _cli_spec(by_name, name, path, defaults, chain=())
 
 
-def _cli_spec(profiles: dict[Any, dict[str, Any]], name: str, path: Path, defaults: Defaults, chain: tuple[str, ...]) -> Spec:
+def _cli_spec(
+    profiles: dict[Any, dict[str, Any]], name: str, path: Path, defaults: Defaults, chain: tuple[str, ...]
+) -> Spec:
     where = f"{path}: profile {name!r}"
     if name in chain or len(chain) >= MAX_CHAIN:
         raise ProfileError(f"{where}: source_profile chain loops or is longer than {MAX_CHAIN}")
@@ -178,7 +182,9 @@ def _cli_spec(profiles: dict[Any, dict[str, Any]], name: str, path: Path, defaul
     if mode == "AK":
         return StaticSpec(fields.required("access_key_id"), fields.required("access_key_secret"))
     if mode == "StsToken":
-        return StaticSpec(fields.required("access_key_id"), fields.required("access_key_secret"), fields.required("sts_token"))
+        return StaticSpec(
+            fields.required("access_key_id"), fields.required("access_key_secret"), fields.required("sts_token")
+        )
     if mode == "EcsRamRole":
         return EcsSpec(fields.optional("ram_role_name"))
     if mode in ("RamRoleArn", "ChainableRamRoleArn"):

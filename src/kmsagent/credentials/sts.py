@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -83,7 +83,14 @@ class StsEndpoint:
 
     @classmethod
     def of(
-        cls, endpoint: str, protocol: str, *, region: str, env: Mapping[str, str], profile_region: str = "", vpc: bool | None = None
+        cls,
+        endpoint: str,
+        protocol: str,
+        *,
+        region: str,
+        env: Mapping[str, str],
+        profile_region: str = "",
+        vpc: bool | None = None,
     ) -> StsEndpoint:
         """`StsEndpoint` when set; else sts[-vpc].<region>.aliyuncs.com.
 
@@ -126,7 +133,7 @@ def assume_role_query(
         "RoleSessionName": request.session_name,
         "SignatureMethod": "HMAC-SHA1",
         "SignatureVersion": "1.0",
-        "Timestamp": datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Timestamp": datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "SignatureNonce": nonce,
     }
     if request.policy:
@@ -206,7 +213,9 @@ class AssumeRoleSession(RenewingCredentials):
         try:
             source = await self._source.current()
         except AgentError as error:
-            raise FetchError(f"the credentials that sign AssumeRole ({self._source.kind}) are unavailable: {error.code}") from None
+            raise FetchError(
+                f"the credentials that sign AssumeRole ({self._source.kind}) are unavailable: {error.code}"
+            ) from None
         query = assume_role_query(self._request, source, timestamp=self._clock(), nonce=str(uuid.uuid4()))
         host = self._endpoint.host
         try:

@@ -42,7 +42,9 @@ def shown(uri: str) -> str:
 class UriCredentials(RenewingCredentials):
     """STS credentials from `GET <uri>`, kept fresh by `run` in the agent's nursery."""
 
-    def __init__(self, uri: str, *, renew_before: float, clock: Callable[[], float] = time.time, origin: str = "CredentialsUri") -> None:
+    def __init__(
+        self, uri: str, *, renew_before: float, clock: Callable[[], float] = time.time, origin: str = "CredentialsUri"
+    ) -> None:
         if not is_credentials_uri(uri):
             raise CredentialsUnavailable(
                 f"{origin} must be an https:// URL, or http:// to a loopback or link-local address"
@@ -60,7 +62,9 @@ class UriCredentials(RenewingCredentials):
         return httpx.AsyncClient(timeout=httpx.Timeout(**URI_TIMEOUT), trust_env=False, follow_redirects=False)
 
     def _unavailable(self) -> AgentError:
-        return UpstreamUnavailable(f"no valid credentials: {shown(self._uri)} has not provided any (see the agent's log)")
+        return UpstreamUnavailable(
+            f"no valid credentials: {shown(self._uri)} has not provided any (see the agent's log)"
+        )
 
     async def _fetch(self, http: httpx.AsyncClient) -> Credentials:
         import httpx

@@ -19,10 +19,10 @@ from kmsagent.emulator.uri import CredentialsUriEmulator
 __all__ = [
     "ACS_CURRENT",
     "ACS_PREVIOUS",
-    "AssumeRoleCall",
     "BATCH_GET_SECRET_VALUE",
     "BATCH_LIMIT",
     "GET_SECRET_VALUE",
+    "AssumeRoleCall",
     "CallRecord",
     "CredentialsUriEmulator",
     "Fault",

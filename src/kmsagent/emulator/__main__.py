@@ -94,7 +94,9 @@ def load_secrets(path: Path) -> dict[str, str]:
         found = {item["name"]: item["data"] for item in tables}
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as error:
         # The parser's message may quote a line of the file, secret data included: name the kind only.
-        raise UsageError(f"{path}: not a secrets file of [[secret]] tables with name and data ({type(error).__name__})") from None
+        raise UsageError(
+            f"{path}: not a secrets file of [[secret]] tables with name and data ({type(error).__name__})"
+        ) from None
     if not found:
         raise UsageError(f"{path}: no [[secret]] tables")
     if not all(isinstance(name, str) and name and isinstance(data, str) for name, data in found.items()):

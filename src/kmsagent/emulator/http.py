@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, unquote
 import h11
 import trio
 
-__all__ = ["HttpRequest", "HttpResponse", "Handler", "serve_http"]
+__all__ = ["Handler", "HttpRequest", "HttpResponse", "serve_http"]
 
 _RECEIVE_SIZE = 65536
 # Errors that only mean "this one connection is gone"; they must never reach the server nursery.
@@ -98,7 +98,7 @@ async def _serve_one(handler: Handler, conn: h11.Connection, stream: trio.abc.St
         return False
     try:
         response = await handler(request)
-    except Exception:  # a handler bug must cost one 500, not the whole server
+    except Exception:  # noqa: BLE001 - a handler bug must cost one 500, not the whole server
         response = HttpResponse(500, [("content-type", "text/plain")], b"Internal Server Error")
     if response is None:
         return False
@@ -113,7 +113,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> HttpRe
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+            conn.receive_data(bytes(await stream.receive_some(_RECEIVE_SIZE)))
         elif isinstance(event, h11.Request):
             head = event
         elif isinstance(event, h11.Data):

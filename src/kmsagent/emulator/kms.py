@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import re
 import ssl
@@ -59,14 +58,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
-from http.client import responses as _REASONS
+from http.client import responses as http_reasons
 from typing import Any
 
 import trio
 from alibabacloud_tea_openapi.utils import Utils
 
+from kmsagent.emulator.gateway import TIME_FORMAT, Nonces, check_security_token, check_timestamp, same
 from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
 
 __all__ = [
@@ -88,8 +88,6 @@ GET_SECRET_VALUE = "GetSecretValue"
 BATCH_GET_SECRET_VALUE = "BatchGetSecretValue"
 #: BatchGetSecretValue's documented limit of names per call.
 BATCH_LIMIT = 20
-_WINDOW_SECONDS = 15 * 60  # both the clock-skew allowance and the nonce memory of the real gateway
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _JSON_TYPE = "application/json;charset=utf-8"
 _AUTHORIZATION = re.compile(
     rf"^{SIGNATURE_ALGORITHM} Credential=(?P<ak>[^,\s]+),"
@@ -219,7 +217,7 @@ class _Secret:
         return sorted(stage for stage, owner in self.stages.items() if owner == version_id)
 
 
-@dataclass
+@dataclass(eq=False)  # each is its own: `remove` takes this one, not an equal one
 class _ActiveFault:
     fault: Fault
     remaining: int | None
@@ -286,7 +284,7 @@ class KmsEmulator:
         self._credentials: dict[str, _Credential] = {}
         self._secrets: dict[str, _Secret] = {}
         self._faults: list[_ActiveFault] = []
-        self._nonces: dict[str, float] = {}  # insertion order == time order, so pruning is cheap
+        self._nonces = Nonces()
 
     # --- credentials -----------------------------------------------------------------------
 
@@ -417,7 +415,7 @@ class KmsEmulator:
 
     def _take_fault(self, endpoint: str, action: str, secret: str | None, *, one_secret: bool = False) -> Fault | None:
         """The oldest fault that fits, consuming one of its remaining uses."""
-        for index, active in enumerate(self._faults):
+        for active in self._faults:
             if active.fits(endpoint, action, secret, one_secret=one_secret):
                 break
         else:
@@ -425,7 +423,7 @@ class KmsEmulator:
         if active.remaining is not None:
             active.remaining -= 1
             if active.remaining == 0:
-                del self._faults[index]
+                self._faults.remove(active)
         return active.fault
 
     # --- endpoints up and down -------------------------------------------------------------
@@ -526,7 +524,7 @@ class KmsEmulator:
     def _fault_response(self, fault: Fault) -> HttpResponse | None:
         """The answer a fault forces, or None when it only delays."""
         if fault.status:
-            phrase = _REASONS.get(fault.status, "Error")
+            phrase = http_reasons.get(fault.status, "Error")
             code = fault.code or phrase.replace(" ", "")
             error = _KmsError(fault.status, code, fault.message or phrase)
             return self._error_response(error, retry_after_ms=fault.retry_after_ms)
@@ -574,20 +572,13 @@ class KmsEmulator:
             raise _kms_error("IncompleteSignature")
         _check_signed_headers(headers, auth.signed_headers)
         payload_hash = _check_content_sha256(headers, request.body)
-        self._check_date(headers)
+        check_timestamp(headers.get("x-acs-date", ""), self._clock(), _kms_error)
         credential = self._credential_for(auth, headers)
         _check_signature(request, auth, payload_hash, credential.secret)
-        self._check_security_token(headers, credential)
-        self._check_nonce(headers)
+        sent_token = headers.get("x-acs-security-token")
+        check_security_token(sent_token, credential.security_token, credential.expires_at, self._clock(), _kms_error)
+        self._nonces.check(headers.get("x-acs-signature-nonce", ""), self._clock(), _kms_error)
         return credential
-
-    def _check_date(self, headers: dict[str, str]) -> None:
-        try:
-            sent = datetime.strptime(headers.get("x-acs-date", ""), _TIME_FORMAT)
-        except ValueError:
-            raise _kms_error("InvalidTimeStamp.Format") from None
-        if abs(sent.replace(tzinfo=timezone.utc).timestamp() - self._clock()) > _WINDOW_SECONDS:
-            raise _kms_error("InvalidTimeStamp.Expired")
 
     def _credential_for(self, auth: _Authorization, headers: dict[str, str]) -> _Credential:
         credential = self._credentials.get(auth.access_key_id)
@@ -596,30 +587,6 @@ class KmsEmulator:
         if headers.get("x-acs-accesskey-id", auth.access_key_id) != auth.access_key_id:
             raise _kms_error("IncompleteSignature", "x-acs-accesskey-id does not match Credential.")
         return credential
-
-    def _check_security_token(self, headers: dict[str, str], credential: _Credential) -> None:
-        sent = headers.get("x-acs-security-token")
-        if credential.security_token is None:
-            if sent is not None:
-                raise _kms_error("InvalidSecurityToken.Malformed")
-        elif sent is None or not _same(sent, credential.security_token):
-            raise _kms_error("InvalidSecurityToken.MismatchWithAccessKey")
-        if credential.expires_at is not None and self._clock() >= credential.expires_at:
-            raise _kms_error("InvalidSecurityToken.Expired")
-
-    def _check_nonce(self, headers: dict[str, str]) -> None:
-        nonce = headers.get("x-acs-signature-nonce")
-        if not nonce:
-            raise _kms_error("MissingSignatureNonce")
-        now = self._clock()
-        while self._nonces:
-            oldest, seen_at = next(iter(self._nonces.items()))
-            if seen_at > now - _WINDOW_SECONDS:
-                break
-            del self._nonces[oldest]
-        if nonce in self._nonces:
-            raise _kms_error("SignatureNonceUsed")
-        self._nonces[nonce] = now
 
     # --- GetSecretValue --------------------------------------------------------------------
 
@@ -648,12 +615,14 @@ class KmsEmulator:
             fault = self._take_fault(endpoint, BATCH_GET_SECRET_VALUE, name, one_secret=True)
             try:
                 if fault is not None and fault.status:
-                    phrase = _REASONS.get(fault.status, "Error")
+                    phrase = http_reasons.get(fault.status, "Error")
                     raise _KmsError(fault.status, fault.code or phrase.replace(" ", ""), fault.message or phrase)
                 version_id, stage = item.get("VersionId") or None, item.get("VersionStage") or None
                 values.append(self._secret_value(name, version_id, stage, allowed))
             except _KmsError as error:
-                errors.append({"SecretName": name, "Code": error.code, "HttpStatus": error.status, "Message": error.message})
+                errors.append(
+                    {"SecretName": name, "Code": error.code, "HttpStatus": error.status, "Message": error.message}
+                )
         return {"SecretValues": values, "Errors": errors}
 
     def _secret_value(
@@ -705,12 +674,17 @@ def _secrets_list(text: str | None, *, strict: bool) -> list[dict[str, Any]]:
     well_formed = (
         isinstance(items, list)
         and 0 < len(items) <= BATCH_LIMIT
-        and all(isinstance(item, dict) and isinstance(item.get("SecretName"), str) and item["SecretName"] for item in items)
+        and all(
+            isinstance(item, dict) and isinstance(item.get("SecretName"), str) and item["SecretName"] for item in items
+        )
     )
     if well_formed:
-        return items  # type: ignore[return-value]
+        checked: list[dict[str, Any]] = items
+        return checked
     if strict:
-        raise _kms_error("InvalidParameter", f"SecretsList must be a JSON array of 1 to {BATCH_LIMIT} objects with a SecretName.")
+        raise _kms_error(
+            "InvalidParameter", f"SecretsList must be a JSON array of 1 to {BATCH_LIMIT} objects with a SecretName."
+        )
     return []
 
 
@@ -734,7 +708,7 @@ def _check_signed_headers(headers: dict[str, str], signed: list[str]) -> None:
 def _check_content_sha256(headers: dict[str, str], body: bytes) -> str:
     """The payload hash that was signed, once it is known to match the body."""
     expected = hashlib.sha256(body).hexdigest()
-    if not _same(headers.get("x-acs-content-sha256", ""), expected):
+    if not same(headers.get("x-acs-content-sha256", ""), expected):
         raise _kms_error("SignatureDoesNotMatch", "x-acs-content-sha256 does not match the body.")
     return expected
 
@@ -752,7 +726,7 @@ def _check_signature(
     expected = Utils.get_authorization(
         signing_input, SIGNATURE_ALGORITHM, payload_hash, auth.access_key_id, secret
     ).rpartition("Signature=")[2]
-    if not _same(expected, auth.signature):
+    if not same(expected, auth.signature):
         raise _kms_error("SignatureDoesNotMatch")
 
 
@@ -775,11 +749,6 @@ def _kms_error(code: str, message: str | None = None) -> _KmsError:
     return _KmsError(status, code, message or default_message)
 
 
-def _same(received: str, expected: str) -> bool:
-    """Constant-time equality, so probing a signature or token leaks nothing through timing."""
-    return hmac.compare_digest(received.encode(), expected.encode())
-
-
 def _json_response(status: int, body: bytes, request_id: str) -> HttpResponse:
     headers = [("content-type", _JSON_TYPE), ("x-acs-request-id", request_id)]
     return HttpResponse(status, headers, body)
@@ -790,4 +759,4 @@ def _request_id() -> str:
 
 
 def _format_time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, tz=timezone.utc).strftime(_TIME_FORMAT)
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime(TIME_FORMAT)

@@ -15,7 +15,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 
 import trio
@@ -56,7 +56,11 @@ def mint(kms: KmsEmulator, lifetime: float, now: float, may_read: Iterable[str] 
         f"STS.{secrets.token_hex(10)}", secrets.token_urlsafe(30), secrets.token_urlsafe(60), now + lifetime
     )
     kms.add_credentials(
-        issued.access_key_id, issued.access_key_secret, issued.security_token, expires_at=issued.expires_at, secrets=may_read
+        issued.access_key_id,
+        issued.access_key_secret,
+        issued.security_token,
+        expires_at=issued.expires_at,
+        secrets=may_read,
     )
     return issued
 
@@ -142,7 +146,7 @@ class MetadataEmulator:
 
 
 def _utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime(_TIME_FORMAT)
+    return datetime.fromtimestamp(timestamp, UTC).strftime(_TIME_FORMAT)
 
 
 def _text(status: int, text: str) -> HttpResponse:

@@ -35,28 +35,25 @@ error shape (`RequestId`, `HostId`, `Code`, `Message`, `Recommend`):
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import ssl
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from urllib.parse import parse_qsl, quote, quote_plus
 
 import trio
 from alibabacloud_tea_openapi.utils import Utils
 
+from kmsagent.emulator.gateway import TIME_FORMAT, Nonces, check_security_token, check_timestamp, same
 from kmsagent.emulator.http import HttpRequest, HttpResponse, serve_http
 from kmsagent.emulator.kms import KmsEmulator
 from kmsagent.emulator.metadata import IssuedCredentials, mint
 
 API_VERSION = "2015-04-01"
-_WINDOW_SECONDS = 15 * 60
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SESSION_NAME = re.compile(r"[A-Za-z0-9_.@-]{2,64}")
 _ERRORS: dict[str, tuple[int, str]] = {
     "ServiceUnavailable": (503, "The request has failed due to a temporary failure of the server."),
@@ -67,7 +64,10 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "InvalidTimeStamp.Expired": (400, "Specified time stamp or date value is expired."),
     "InvalidAccessKeyId.NotFound": (404, "Specified access key is not found."),
     "SignatureDoesNotMatch": (400, "Specified signature is not matched with our calculation."),
-    "InvalidSecurityToken.MismatchWithAccessKey": (400, "The security token you provided does not match the access key."),
+    "InvalidSecurityToken.MismatchWithAccessKey": (
+        400,
+        "The security token you provided does not match the access key.",
+    ),
     "InvalidSecurityToken.Malformed": (400, "The security token you provided is malformed."),
     "InvalidSecurityToken.Expired": (400, "The security token you provided has expired."),
     "MissingSignatureNonce": (400, "SignatureNonce is mandatory for this action."),
@@ -75,7 +75,10 @@ _ERRORS: dict[str, tuple[int, str]] = {
     "MissingRoleArn": (400, "RoleArn is mandatory for this action."),
     "MissingRoleSessionName": (400, "RoleSessionName is mandatory for this action."),
     "InvalidParameter.RoleSessionName": (400, "The parameter RoleSessionName is wrongly formed."),
-    "InvalidParameter.DurationSeconds": (400, "The Min/Max value of DurationSeconds is 15min/the role's max session duration."),
+    "InvalidParameter.DurationSeconds": (
+        400,
+        "The Min/Max value of DurationSeconds is 15min/the role's max session duration.",
+    ),
     "InvalidParameter.PolicyGrammar": (400, "The parameter Policy has not passed grammar check."),
     "EntityNotExist.Role": (404, "The specified Role not exists ."),
     "NoPermission": (403, "You are not authorized to do this action. You should be authorized by RAM."),
@@ -127,7 +130,7 @@ class StsEmulator:
         self.outage = False
         self.calls: list[AssumeRoleCall] = []
         self.issued: list[IssuedCredentials] = []
-        self._nonces: dict[str, float] = {}
+        self._nonces = Nonces()
         self.port: int | None = None
         self.endpoint: str | None = None
 
@@ -207,21 +210,14 @@ class StsEmulator:
         access_key_id, signature = params.get("AccessKeyId"), params.get("Signature")
         if not access_key_id or not signature:
             raise _StsError("IncompleteSignature")
-        self._check_timestamp(params.get("Timestamp", ""))
+        check_timestamp(params.get("Timestamp", ""), self.clock(), _StsError)
         caller = self.kms.registered(access_key_id)
         if caller is None:
             raise _StsError("InvalidAccessKeyId.NotFound")
         secret, security_token, expires_at = caller
         self._check_signature(params, signature, secret, method)
-        sent_token = params.get("SecurityToken")
-        if security_token is None:
-            if sent_token is not None:
-                raise _StsError("InvalidSecurityToken.Malformed")
-        elif sent_token is None or not hmac.compare_digest(sent_token.encode(), security_token.encode()):
-            raise _StsError("InvalidSecurityToken.MismatchWithAccessKey")
-        if expires_at is not None and self.clock() >= expires_at:
-            raise _StsError("InvalidSecurityToken.Expired")
-        self._check_nonce(params.get("SignatureNonce", ""))
+        check_security_token(params.get("SecurityToken"), security_token, expires_at, self.clock(), _StsError)
+        self._nonces.check(params.get("SignatureNonce", ""), self.clock(), _StsError)
         role, session_name, duration = self._check_parameters(params)
         if role.trusted is not None and access_key_id not in role.trusted:
             raise _StsError("NoPermission")
@@ -231,44 +227,26 @@ class StsEmulator:
         issued = mint(self.kms, duration, now, role.secrets)
         self.issued.append(issued)
         return {
-            "AssumedRoleUser": {"AssumedRoleId": f"3{uuid.uuid4().int % 10**17}:{session_name}", "Arn": f"{role.arn}/{session_name}"},
+            "AssumedRoleUser": {
+                "AssumedRoleId": f"3{uuid.uuid4().int % 10**17}:{session_name}",
+                "Arn": f"{role.arn}/{session_name}",
+            },
             "Credentials": {
                 "AccessKeyId": issued.access_key_id,
                 "AccessKeySecret": issued.access_key_secret,
                 "SecurityToken": issued.security_token,
-                "Expiration": datetime.fromtimestamp(issued.expires_at, timezone.utc).strftime(_TIME_FORMAT),
+                "Expiration": datetime.fromtimestamp(issued.expires_at, UTC).strftime(TIME_FORMAT),
             },
         }
-
-    def _check_timestamp(self, text: str) -> None:
-        try:
-            sent = datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=timezone.utc)
-        except ValueError:
-            raise _StsError("InvalidTimeStamp.Format") from None
-        if abs(sent.timestamp() - self.clock()) > _WINDOW_SECONDS:
-            raise _StsError("InvalidTimeStamp.Expired")
 
     def _check_signature(self, params: dict[str, str], signature: str, secret: str, method: str) -> None:
         signed = {key: value for key, value in params.items() if key != "Signature"}
         expected = Utils.get_rpcsignature(signed, method, secret)
-        if not hmac.compare_digest(expected.encode(), signature.encode()):
+        if not same(expected, signature):
             canonical = "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in sorted(signed.items()))
             string_to_sign = f"{method}&%2F&{quote_plus(canonical, safe='~')}"
             message = f"{_ERRORS['SignatureDoesNotMatch'][1]} server string to sign is:{string_to_sign}"
             raise _StsError("SignatureDoesNotMatch", message)
-
-    def _check_nonce(self, nonce: str) -> None:
-        if not nonce:
-            raise _StsError("MissingSignatureNonce")
-        now = self.clock()
-        while self._nonces:
-            oldest, seen_at = next(iter(self._nonces.items()))
-            if seen_at > now - _WINDOW_SECONDS:
-                break
-            del self._nonces[oldest]
-        if nonce in self._nonces:
-            raise _StsError("SignatureNonceUsed")
-        self._nonces[nonce] = now
 
     def _check_parameters(self, params: dict[str, str]) -> tuple[Role, str, int]:
         arn = params.get("RoleArn")

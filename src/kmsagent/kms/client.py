@@ -19,7 +19,7 @@ import trio
 from loguru import logger
 
 from kmsagent.config import KmsConfig
-from kmsagent.credentials import CredentialSource, Credentials
+from kmsagent.credentials import Credentials, CredentialSource
 from kmsagent.errors import THROTTLING, AgentError, KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
 from kmsagent.kms.endpoints import Endpoints
 from kmsagent.kms.transport import AnswerTooLarge, Endpoint, Timeout, Transport, TransportError
@@ -223,14 +223,18 @@ class KmsClient:
             tried.add(host)
             following = self.endpoints.pick(exclude=tried)
             if following is not None:
-                logger.debug("KMS {} for {!r} failed at {} ({}); trying {}", action, what, host, failure.code, following)
+                logger.debug(
+                    "KMS {} for {!r} failed at {} ({}); trying {}", action, what, host, failure.code, following
+                )
                 continue
             retry_after = failure.retry_after if isinstance(failure, KmsError) else None
             delay = _backoff(retries, retry_after)
             if retries >= max_retries or delay is None:
                 raise failure
             retries += 1
-            logger.debug("KMS {} try {} for {!r} failed ({}); retrying in {:.2f}s", action, retries, what, failure.code, delay)
+            logger.debug(
+                "KMS {} try {} for {!r} failed ({}); retrying in {:.2f}s", action, retries, what, failure.code, delay
+            )
             await trio.sleep(delay)
 
     async def _attempt(
@@ -252,7 +256,13 @@ class KmsClient:
             self._in_flight.release()
 
     async def _observed(
-        self, host: str, action: str, query: dict[str, str], credentials: Credentials, parse: Callable[[bytearray], T], limit: int
+        self,
+        host: str,
+        action: str,
+        query: dict[str, str],
+        credentials: Credentials,
+        parse: Callable[[bytearray], T],
+        limit: int,
     ) -> T:
         started = trio.current_time()
         outcome: str | None = None  # stays None when cancelled: not an outcome of KMS's
@@ -277,7 +287,13 @@ class KmsClient:
                 self._observe(host, action, outcome, trio.current_time() - started)
 
     async def _send(
-        self, host: str, action: str, query: dict[str, str], credentials: Credentials, parse: Callable[[bytearray], T], limit: int
+        self,
+        host: str,
+        action: str,
+        query: dict[str, str],
+        credentials: Credentials,
+        parse: Callable[[bytearray], T],
+        limit: int,
     ) -> T:
         target, headers = signed_request(host, action, query, credentials, self._clock())
         endpoint = self._addresses[host]

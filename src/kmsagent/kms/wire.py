@@ -236,7 +236,9 @@ def _entries(listed: Any) -> Iterable[Any]:
 
 
 def _asked_as(answered: str, names: Sequence[str]) -> list[str]:
-    return [name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))]
+    return [
+        name for name in names if name == answered or (name.startswith("acs:") and name.endswith(f":secret/{answered}"))
+    ]
 
 
 def parse_error(answer: Answer, host: str) -> AgentError:
