@@ -39,9 +39,9 @@ from kmsagent.kms.wire import (
 
 T = TypeVar("T")
 BACKOFF_BASE = 0.2  # seconds; KMS's guidance is 2^n × 200 ms
-MAX_RETRY_WAIT = 10.0
+MAX_RETRY_WAIT = 10.0  # a longer x-acs-retry-after is not waited for: the error goes back
 #: Seconds an idle connection to KMS is kept open for the next call (httpx's default, which the agent used).
-KEEPALIVE_SECONDS = 5.0  # a longer x-acs-retry-after is not waited for: the error goes back
+KEEPALIVE_SECONDS = 5.0
 TOKEN_REJECTED_CODES = frozenset({"InvalidSecurityToken.Expired", "InvalidSecurityToken.Malformed"})
 #: Whole-batch answers that mean "this KMS (or this RAM policy) has no BatchGetSecretValue for
 #: us": batching stops for the run. `Forbidden.*` (e.g. Forbidden.NoPermission) is matched by prefix.
