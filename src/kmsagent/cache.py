@@ -121,8 +121,8 @@ class _Flight(Generic[K, V]):
     queued: bool = False
     #: Seconds the load has spent inside `queued()` (left out of the entry's `load_seconds`).
     queued_seconds: float = 0.0
-    #: A background refresh (`refresh`): its turn for a KMS slot comes before misses' (`queued()`
-    #: yields its rank); the refresher keeps at most MaxConcurrentRequests going.
+    #: A background refresh (`refresh`, `refresh_batch`): its turn for a KMS slot comes before
+    #: misses' (`queued()` yields its rank); the refresher keeps at most MaxConcurrentRequests going.
     urgent: bool = False
     #: Its key was dropped (`drop_where`) while it ran: readers get the value, the cache keeps none.
     discard: bool = False
@@ -398,7 +398,7 @@ class SecretCache(Generic[K, V]):
             if running is not None:
                 running.abandonable = False
                 continue
-            flight = self._flights[key] = _Flight(key, self._flights)
+            flight = self._flights[key] = _Flight(key, self._flights, urgent=True)
             flights[key] = (flight, entry.load)
         if not flights:
             return None
