@@ -348,16 +348,17 @@ async def test_60_hot_secrets_with_a_5s_ttl_and_100ms_kms_never_miss_after_the_f
     emulator.clear_faults()
 
 
-@pytest.mark.parametrize("slow_to", [0.02, 0.1], ids=["kms-20ms", "kms-slows-to-100ms"])
 async def test_a_hot_secret_never_misses_while_1000_read_once_per_ttl_refresh(
-    emulator: KmsEmulator, autojump_clock: trio.testing.MockClock, slow_to: float
+    emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Issue 17: 1000 prefetched secrets, TTL 10 s, 8 slots, a KMS at 20 ms, each refresh its own
-    call; one secret read every 2 ms, each other once per TTL (spread over it): in 30 s the hot
-    one never waits for KMS. Also when KMS slows to 100 ms after the prefetch: 8 slots then make
-    80 calls a second for about 100 due, a backlog that never drains, and the misses of the
-    others queue for slots too; before the refresh queue and the slots had an order, the hot
-    secret missed 163–190 reads in 30 s (its refresh waited behind both queues)."""
+    """Issue 17: 1000 prefetched secrets, TTL 10 s, 8 slots, each refresh its own call; one secret
+    read every 2 ms, each other once per TTL (spread over it): in 30 s the hot one never waits
+    for KMS, even when KMS slows from 20 to 100 ms after the prefetch: 8 slots then make 80 calls
+    a second for about 100 due, a backlog that never drains, and the misses of the others queue
+    for slots too. Before the refresh queue and the slots had an order, the hot secret missed
+    163–190 reads in 30 s (its refresh waited behind both queues). At 20 ms throughout, the old
+    order missed none here: only a backlog shows it (the case is not run, to save 18 s)."""
+    slow_to = 0.1
     ttl = 10.0
     others = [f"wave/{i:04d}" for i in range(999)]
     for name in ["hot", *others]:
