@@ -24,12 +24,13 @@ from Tea.exceptions import TeaException
 
 from conftest import AK_ID, AK_SECRET, SECRETS, StartAgent, agent_config
 from kmsagent import refresher as refresher_module
-from kmsagent.cache import Batch, Outcome, SecretCache
+from kmsagent.cache import Batch, Outcome, SecretCache, queued
 from kmsagent.credentials import Credentials, StaticCredentials
 from kmsagent.emulator import BATCH_GET_SECRET_VALUE, GET_SECRET_VALUE, Fault, KmsEmulator
 from kmsagent.errors import KmsError, UpstreamUnavailable, is_transient
 from kmsagent.kms import KmsClient, SecretValue
 from kmsagent.refresher import Refresher
+from kmsagent.slots import ORDINARY, URGENT
 
 # --- the emulator, as the official SDK sees it ---------------------------------------------------
 
@@ -228,6 +229,34 @@ async def test_a_whole_batch_failure_loads_every_key_alone(
     await done.wait()
     assert loads.single == {"a": 2, "b": 2, "c": 2}
     assert [cache.peek(key).reloaded for key in "abc"] == [True] * 3  # type: ignore[union-attr]
+
+
+async def test_refreshes_wait_for_a_kms_slot_ahead_of_misses_a_batch_and_its_fallback_too(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The rank `queued()` yields is the call's place in the KMS client's queue (kmsagent.slots)."""
+    cache, ranks = make_cache(nursery), list[int]()
+
+    async def load() -> str:
+        with queued() as rank:
+            ranks.append(rank)
+        return "value"
+
+    async def load_batch(batch: Batch[str, str]) -> None:
+        with queued() as rank:
+            ranks.append(rank)
+        raise RuntimeError("the batch call failed")  # its keys are then loaded alone
+
+    await cache.get("a", load)
+    await cache.get("b", load)
+    entries = [(key, cache.peek(key)) for key in "ab"]
+    refreshed = cache.refresh(*entries[0])  # type: ignore[arg-type]
+    assert refreshed is not None
+    await refreshed.wait()
+    batched = cache.refresh_batch(entries[1:], load_batch)  # type: ignore[arg-type]
+    assert batched is not None
+    await batched.wait()
+    assert ranks == [ORDINARY, ORDINARY, URGENT, URGENT, URGENT]  # misses, refresh, batch, its fallback
 
 
 async def test_a_batch_keeps_single_flights(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:

@@ -16,6 +16,7 @@ from kmsagent.emulator import Fault, KmsEmulator
 from kmsagent.errors import KmsError, UpstreamTimeout, UpstreamUnavailable, is_transient
 from kmsagent.kms import MAX_ANSWER_BYTES, KmsClient
 from kmsagent.kms.client import _backoff
+from kmsagent.slots import ORDINARY, URGENT, Slots
 
 
 @pytest.fixture
@@ -162,3 +163,48 @@ async def test_calls_in_flight_are_bounded(emulator: KmsEmulator, autojump_clock
                 nursery.start_soon(kms.get_secret_value, "api-key")
         # Six one-second calls, two at a time: three rounds.
         assert trio.current_time() - started == pytest.approx(3.0, abs=0.1)
+
+
+async def test_a_freed_slot_goes_to_the_lowest_rank_then_to_the_first_come() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    order: list[str] = []
+
+    async def take(name: str, rank: int) -> None:
+        await slots.acquire(rank)
+        order.append(name)
+        slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for name, rank in [("miss 1", ORDINARY), ("miss 2", ORDINARY), ("refresh", URGENT)]:
+            nursery.start_soon(take, name, rank)
+            await trio.testing.wait_all_tasks_blocked()
+        assert slots.waiting == 3
+        slots.release()
+    assert order == ["refresh", "miss 1", "miss 2"] and slots.held == 0
+
+
+async def test_a_waiter_cancelled_before_or_as_it_gets_a_slot_holds_none_and_loses_none() -> None:
+    slots = Slots(1)
+    await slots.acquire()
+    got: list[str] = []
+
+    async def take(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            await slots.acquire()
+            got.append(name)
+            slots.release()
+
+    gone, handed, last = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    with trio.fail_after(5):  # a lost slot would leave "last" waiting for ever
+        async with trio.open_nursery() as nursery:
+            for name, scope in [("gone", gone), ("handed", handed), ("last", last)]:
+                nursery.start_soon(take, name, scope)
+                await trio.testing.wait_all_tasks_blocked()
+            gone.cancel()  # stops waiting before any slot is free
+            await trio.testing.wait_all_tasks_blocked()
+            handed.cancel()  # cancelled, but it has not run since...
+            slots.release()  # ...so the slot is handed to it, and it passes the slot on to "last"
+    assert got == ["last"] and slots.held == 0 and slots.waiting == 0
+    await slots.acquire()  # free at once
+    assert slots.held == 1

@@ -12,14 +12,22 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, StartAgent, eventually
+from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, StartAgent, agent_config, eventually
 from kmsagent import redact
+from kmsagent.cache import SecretCache
+from kmsagent.checks import SecretQuery
 from kmsagent.config import LogConfig
+from kmsagent.credentials import Credentials, StaticCredentials
 from kmsagent.emulator import Fault, KmsEmulator
+from kmsagent.formats import response_format
+from kmsagent.kms import KmsClient
 from kmsagent.logs import LOG_FILE, close_logging, configure_logging
+from kmsagent.metrics import Metrics
+from kmsagent.store import SecretStore
 from test_cli import AGENT_ENV, agent_process, stop, wait_for_text, write_config
 
 SECRET_PATH = "/secretsmanager/get?secretId=db/password"
@@ -274,3 +282,36 @@ async def test_vault_lease_duration_is_the_ttl_in_force_after_a_reload(tmp_path:
             outcome, third = await read()
             assert (outcome, third["lease_duration"]) == ("hit", 60)
         assert await stop(agent) == 0
+
+
+async def test_kms_duration_is_the_call_alone_and_the_wait_for_a_slot_is_its_own_metric(
+    emulator: KmsEmulator, autojump_clock: trio.testing.MockClock
+) -> None:
+    """100 loads at once through 8 slots from a KMS at 50 ms: the calls took 100 × 50 ms, and the
+    queue, where the last ones waited 12 rounds, is the queue-wait histogram's (issue 17). The
+    refresher plans with the call time too: none of the entries counts its wait."""
+    names = [f"load/{i:03d}" for i in range(100)]
+    for name in names:
+        emulator.put_secret(name, f"value-of-{name}-Wq3v")
+    emulator.inject(Fault(delay=0.05))
+    metrics = Metrics()
+    config = agent_config(emulator.endpoint)
+    credentials = StaticCredentials(Credentials(AK_ID, AK_SECRET), "test")
+    observers = {"observe": metrics.observe_kms, "observe_wait": metrics.observe_kms_wait}
+    async with KmsClient.open(config.kms, credentials, **observers) as kms, trio.open_nursery() as nursery:
+        cache: SecretCache = SecretCache(max_entries=1000, ttl=300, loads=nursery)
+        store = SecretStore(cache, kms, response_format(0, region="cn-hangzhou", lease_seconds=lambda: 300))
+        async with trio.open_nursery() as readers:
+            for name in names:
+                readers.start_soon(store.get, SecretQuery(name, "", "ACSCurrent"))
+        entries = [cache.peek(SecretQuery(name, "", "ACSCurrent").cache_key) for name in names]
+        load_seconds = [entry.load_seconds for entry in entries if entry is not None]
+        nursery.cancel_scope.cancel()
+    after = samples(metrics.render().decode())
+    assert after[("kmsagent_kms_request_duration_seconds_count", ())] == 100
+    assert 4.99 < after[("kmsagent_kms_request_duration_seconds_sum", ())] < 5.5  # 100 × 50 ms
+    # Rounds of 8: the k-th waited k × 50 ms; 8 × 50 ms × (0 + 1 + … + 11) + 4 × 12 × 50 ms = 28.8 s.
+    assert after[("kmsagent_kms_queue_wait_seconds_count", ())] == 100
+    assert 28.79 < after[("kmsagent_kms_queue_wait_seconds_sum", ())] < 30
+    assert len(load_seconds) == 100 and max(load_seconds) < 0.06
+    emulator.clear_faults()

@@ -62,7 +62,9 @@ async def run_agent(
     """
     logger.info("credentials: {}; KMS endpoint {}", credentials.kind, ", then ".join(config.kms.endpoints))
     metrics = Metrics()
-    kms_client = KmsClient.open(config.kms, credentials, clock=clock, observe=metrics.observe_kms)
+    kms_client = KmsClient.open(
+        config.kms, credentials, clock=clock, observe=metrics.observe_kms, observe_wait=metrics.observe_kms_wait
+    )
     async with kms_client as kms, trio.open_nursery() as nursery:
         nursery.start_soon(notifier.watchdog)  # first, so a long Prefetch does not miss a ping
         cache: SecretCache[CacheKey, CachedSecret] = SecretCache(

@@ -219,7 +219,7 @@ class AgentApp(QuartTrio):
                     error = await cache.changes.wait(key)
                     entry = cache.peek(key)
                     if error is None and entry is not None:  # else not kept (TtlSeconds became 0)
-                        cache.mark_read(key)  # a held request keeps its entry hot (refreshed ahead)
+                        cache.mark_read(key, request=True)  # a held request keeps its entry hot (refreshed ahead)
                         if conditions.is_news(entry.value.etag, cached.etag):
                             news = entry.value
             finally:

@@ -43,6 +43,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import trio
 
 from kmsagent.changes import Changes
+from kmsagent.slots import ORDINARY, URGENT
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -72,12 +73,15 @@ class Entry(Generic[V]):
     load: Load[V]
     loaded_at: float
     expires_at: float
-    #: How long the load that produced this value took.
+    #: How long the load that produced this value talked to KMS (its wait for a slot left out).
     load_seconds: float = 0.0
     #: Loaded in place of an earlier value (a refresh), not on a first miss.
     reloaded: bool = False
-    #: Read since it was loaded (a hot entry, worth reloading before it expires).
+    #: Read since it was loaded, or kept hot by Prefetch (worth reloading before it expires).
     read: bool = False
+    #: Requests that read it since it was loaded (0 when only Prefetch keeps it hot): the
+    #: refresher serves busier entries first when refreshes queue up.
+    reads: int = 0
     failures: int = 0
     retry_at: float = 0.0
     #: Its refresh point passed while nobody read it (the refresh policy's bookkeeping).
@@ -115,6 +119,11 @@ class _Flight(Generic[K, V]):
     abandonable: bool = False
     #: The load is waiting its turn (inside `queued()`): abandoning it costs nothing.
     queued: bool = False
+    #: Seconds the load has spent inside `queued()` (left out of the entry's `load_seconds`).
+    queued_seconds: float = 0.0
+    #: A background refresh (`refresh`, `refresh_batch`): its turn for a KMS slot comes before
+    #: misses' (`queued()` yields its rank); the refresher keeps at most MaxConcurrentRequests going.
+    urgent: bool = False
     #: Its key was dropped (`drop_where`) while it ran: readers get the value, the cache keeps none.
     discard: bool = False
 
@@ -128,26 +137,39 @@ class _Flight(Generic[K, V]):
 
 #: The flight whose load runs in the current task (set in the load's own task only).
 _current_flight: ContextVar[_Flight[Any, Any] | None] = ContextVar("kmsagent_cache_flight", default=None)
+#: The batch whose load runs in the current task (set in that task only).
+_current_batch: ContextVar[Batch[Any, Any] | None] = ContextVar("kmsagent_cache_batch", default=None)
 
 
 @contextmanager
-def queued() -> Iterator[None]:
+def queued() -> Iterator[int]:
     """Marks the part of a running load that only waits its turn (a KMS concurrency slot).
 
     A miss-load whose readers have all hung up is cancelled here ("leaves the queue"), so live
     requests are never queued behind dead ones. Outside this block a load is never abandoned,
-    so a load that is talking to KMS finishes and fills the cache. Outside a load, a no-op.
+    so a load that is talking to KMS finishes and fills the cache. The time spent here is left
+    out of the load time the refresher plans with. Yields the load's rank for its turn
+    (kmsagent.slots): `URGENT` for a background refresh, so that a hot entry's refresh does not
+    wait behind a queue of misses and expire. Outside a load, a no-op.
     """
     flight = _current_flight.get()
     if flight is None:
-        yield
+        batch = _current_batch.get()
+        started = trio.current_time()
+        try:
+            yield URGENT if batch is not None else ORDINARY  # a batch is always a refresh
+        finally:
+            if batch is not None:
+                batch.queued_seconds += trio.current_time() - started
         return
     flight.queued = True
+    started = trio.current_time()
     try:
         flight.abandon_if_unwanted()
-        yield
+        yield URGENT if flight.urgent else ORDINARY
     finally:
         flight.queued = False
+        flight.queued_seconds += trio.current_time() - started
 
 
 class LoadCancelled(Exception):
@@ -172,6 +194,8 @@ class Batch(Generic[K, V]):
         self._cache = cache
         self._pending = flights
         self._started = trio.current_time()
+        #: Seconds the batch's load has waited inside `queued()` so far.
+        self.queued_seconds = 0.0
         self.keys: list[K] = list(flights)
 
     def loaded(self, key: K, value: V) -> None:
@@ -182,7 +206,7 @@ class Batch(Generic[K, V]):
             return
         flight, load = item
         flight.value = value
-        self._cache._store(key, value, load, trio.current_time() - self._started)
+        self._cache._store(key, value, load, trio.current_time() - self._started - self.queued_seconds)
         self._cache._landed(key, flight)
 
     def failed(self, key: K, error: Exception) -> None:
@@ -328,14 +352,18 @@ class SecretCache(Generic[K, V]):
             raise
         flight.waiters -= 1
 
-    def mark_read(self, key: K) -> None:
-        """Counts as a read of `key` (a prefetched secret is hot before its first request)."""
+    def mark_read(self, key: K, *, request: bool = False) -> None:
+        """Keeps `key` hot: Prefetch's (a prefetched secret is hot before its first request, and
+        refreshed after the entries that requests read), or with `request` a read by a request
+        that did not go through `get` (a held read)."""
         entry = self._entries.get(key)
         if entry is not None:
-            self._mark_read(key, entry)
+            self._mark_read(key, entry, request=request)
 
-    def _mark_read(self, key: K, entry: Entry[V]) -> None:
+    def _mark_read(self, key: K, entry: Entry[V], *, request: bool = True) -> None:
         entry.read = True
+        if request:
+            entry.reads += 1
         if self.policy is not None:
             self.policy.read(key, entry)
 
@@ -352,7 +380,9 @@ class SecretCache(Generic[K, V]):
         if running is not None:
             running.abandonable = False
             return None
-        return self._start(key, entry.load, abandonable=False).done
+        flight = self._start(key, entry.load, abandonable=False)
+        flight.urgent = True
+        return flight.done
 
     def refresh_batch(self, entries: Sequence[tuple[K, Entry[V]]], load_batch: BatchLoad[K, V]) -> trio.Event | None:
         """Starts one background reload of several entries, each still the cached one.
@@ -370,7 +400,7 @@ class SecretCache(Generic[K, V]):
             if running is not None:
                 running.abandonable = False
                 continue
-            flight = self._flights[key] = _Flight(key, self._flights)
+            flight = self._flights[key] = _Flight(key, self._flights, urgent=True)
             flights[key] = (flight, entry.load)
         if not flights:
             return None
@@ -379,6 +409,7 @@ class SecretCache(Generic[K, V]):
         return done
 
     async def _fly_batch(self, batch: Batch[K, V], load_batch: BatchLoad[K, V], done: trio.Event) -> None:
+        _current_batch.set(batch)  # this task's own context: what `queued()` finds
         try:
             with suppress(Exception):  # a whole-batch failure is no key's answer: loaded one by one below
                 await load_batch(batch)
@@ -429,7 +460,8 @@ class SecretCache(Generic[K, V]):
             elif flight.discard:
                 self.released(flight.value)  # type: ignore[arg-type]
             else:
-                self._store(key, flight.value, load, trio.current_time() - started)  # type: ignore[arg-type]
+                took = trio.current_time() - started - flight.queued_seconds
+                self._store(key, flight.value, load, took)  # type: ignore[arg-type]
         finally:
             self._landed(key, flight)
 

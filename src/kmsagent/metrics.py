@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 ROUTES = ("ping", "metrics", "secret", "other")
 KMS_OUTCOMES = ("success", "client_error", "throttled", "server_error", "timeout", "unreachable")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Most tries find a slot free (0 s): the first bucket tells them from those that queued.
+QUEUE_WAIT_BUCKETS = (0.001, *LATENCY_BUCKETS, 30.0)
 #: `[[Files]]` outcomes (files.py): a write attempt, and an OnChange run.
 FILE_WRITE_OUTCOMES = ("written", "unchanged", "failed")
 ON_CHANGE_OUTCOMES = ("success", "failure", "timeout", "error")
@@ -53,8 +55,14 @@ class Metrics:
         )
         self.kms_latency = Histogram(
             "kmsagent_kms_request_duration_seconds",
-            "Duration of GetSecretValue calls to KMS (each try).",
+            "Duration of calls to KMS (each try), from the moment it had a slot.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.kms_queue_wait = Histogram(
+            "kmsagent_kms_queue_wait_seconds",
+            "Time each KMS try waited for one of the MaxConcurrentRequests slots.",
+            buckets=QUEUE_WAIT_BUCKETS,
             registry=self.registry,
         )
         self.file_writes = Counter(
@@ -77,6 +85,10 @@ class Metrics:
         self.kms_requests.labels(outcome).inc()
         self.kms_calls.labels(endpoint, action, outcome).inc()
         self.kms_latency.observe(seconds)
+
+    def observe_kms_wait(self, seconds: float) -> None:
+        """How long one KMS try waited for a MaxConcurrentRequests slot (kept out of its duration)."""
+        self.kms_queue_wait.observe(seconds)
 
     def observe_file_write(self, outcome: str) -> None:
         self.file_writes.labels(outcome).inc()

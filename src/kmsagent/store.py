@@ -207,7 +207,7 @@ class SecretStore:
         """
         names = {key[1]: key for key in batch.keys}
         try:
-            answers = await self._kms.batch_get_secret_values(list(names))
+            answers = await self._kms.batch_get_secret_values(list(names), queued=queued)
         except AgentError as error:
             logger.debug(
                 "batched refresh of {} secrets failed ({}); refreshing them one by one", len(names), error.code

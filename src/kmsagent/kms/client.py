@@ -36,6 +36,7 @@ from kmsagent.kms.wire import (
     parse_secret,
     signed_request,
 )
+from kmsagent.slots import ORDINARY, Slots
 
 T = TypeVar("T")
 BACKOFF_BASE = 0.2  # seconds; KMS's guidance is 2^n × 200 ms
@@ -46,12 +47,19 @@ TOKEN_REJECTED_CODES = frozenset({"InvalidSecurityToken.Expired", "InvalidSecuri
 #: Whole-batch answers that mean "this KMS (or this RAM policy) has no BatchGetSecretValue for
 #: us": batching stops for the run. `Forbidden.*` (e.g. Forbidden.NoPermission) is matched by prefix.
 BATCH_UNKNOWN_CODES = frozenset({"InvalidAction.NotFound", "InvalidApi.NotFound", "UnsupportedOperation"})
-#: (endpoint, action, outcome, seconds) of each try, for the metrics.
+#: (endpoint, action, outcome, seconds) of each try, for the metrics: the call alone.
 Observe = Callable[[str, str, str, float], None]
+#: Seconds each try waited for one of the MaxConcurrentRequests slots, for the metrics.
+ObserveWait = Callable[[float], None]
+#: Wraps each wait for a slot; what it yields, an int, is the call's rank (kmsagent.slots; lower first).
 Queued = Callable[[], AbstractContextManager[object]]
 
 
 def _ignore(endpoint: str, action: str, outcome: str, seconds: float) -> None:
+    pass
+
+
+def _ignore_wait(seconds: float) -> None:
     pass
 
 
@@ -65,15 +73,17 @@ class KmsClient:
         http: Transport,
         clock: Callable[[], float] = time.time,
         observe: Observe = _ignore,
+        observe_wait: ObserveWait = _ignore_wait,
     ) -> None:
         self._config = config
         self._clock = clock
         self._observe = observe
+        self._observe_wait = observe_wait
         self._credentials = credentials
         self._http = http
         self.endpoints = Endpoints(config.endpoints)
         self._addresses = {host: Endpoint.parse(config.protocol, host) for host in config.endpoints}
-        self._in_flight = trio.CapacityLimiter(config.max_concurrent_requests)
+        self._in_flight = Slots(config.max_concurrent_requests)
         self._attempt_limit = (config.connect_timeout_ms + config.read_timeout_ms) / 1000
         #: BatchRefresh is on and KMS has not refused BatchGetSecretValue (SPEC §5).
         self.batching = config.batch_refresh
@@ -87,6 +97,7 @@ class KmsClient:
         *,
         clock: Callable[[], float] = time.time,
         observe: Observe = _ignore,
+        observe_wait: ObserveWait = _ignore_wait,
     ) -> AsyncIterator[KmsClient]:
         """A client with its own kept-alive connections (to every endpoint), closed on exit."""
         read = config.read_timeout_ms / 1000
@@ -99,7 +110,7 @@ class KmsClient:
             max_idle=config.max_concurrent_requests,
         )
         try:
-            yield cls(config, credentials, http, clock, observe)
+            yield cls(config, credentials, http, clock, observe, observe_wait)
         finally:
             with trio.CancelScope(shield=True):
                 await http.aclose()
@@ -107,12 +118,12 @@ class KmsClient:
     @property
     def in_flight(self) -> int:
         """KMS calls under way now (each holds one of the MaxConcurrentRequests slots)."""
-        return self._in_flight.borrowed_tokens
+        return self._in_flight.held
 
     @property
     def max_in_flight(self) -> int:
         """MaxConcurrentRequests: KMS calls that may be under way at once."""
-        return int(self._in_flight.total_tokens)
+        return self._in_flight.total
 
     async def get_secret_value(
         self,
@@ -247,10 +258,13 @@ class KmsClient:
         limit: int,
         queued: Queued,
     ) -> T:
-        """One signed call, once a slot is free; its outcome and duration go to `observe` (the metrics)."""
-        with queued():
-            await self._in_flight.acquire()
+        """One signed call, once a slot is free; its outcome and duration go to `observe`, the
+        wait for the slot to `observe_wait` (the metrics)."""
+        with queued() as rank:
+            waited = trio.current_time()
+            await self._in_flight.acquire(rank if isinstance(rank, int) else ORDINARY)
         try:
+            self._observe_wait(trio.current_time() - waited)
             return await self._observed(host, action, query, credentials, parse, limit)
         finally:
             self._in_flight.release()
