@@ -184,6 +184,31 @@ async def test_a_freed_slot_goes_to_the_lowest_rank_then_to_the_first_come() -> 
     assert order == ["refresh", "miss 1", "miss 2"] and slots.held == 0
 
 
+async def test_waiters_that_leave_while_every_slot_is_held_are_swept_out() -> None:
+    """Misses whose clients hang up while KMS hangs leave the queue; 1000 of them, with the one
+    slot held throughout, must not leave 1000 entries behind (nothing is released to pop them)."""
+    slots = Slots(1)
+    await slots.acquire()
+    staying = trio.CancelScope()
+
+    async def wait(scope: trio.CancelScope) -> None:
+        with scope:
+            await slots.acquire()
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, staying)
+        for _ in range(1000):
+            leaving = trio.CancelScope()
+            nursery.start_soon(wait, leaving)
+            await trio.testing.wait_all_tasks_blocked()
+            leaving.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+        assert slots.waiting == 1 and len(slots._waiting) <= 2
+        slots.release()  # to the one that stayed
+    assert slots.held == 0 and slots.waiting == 0
+
+
 async def test_a_waiter_cancelled_before_or_as_it_gets_a_slot_holds_none_and_loses_none() -> None:
     slots = Slots(1)
     await slots.acquire()

@@ -45,11 +45,14 @@ class Slots:
         self.held = 0
         self._order = itertools.count()
         self._waiting: list[tuple[int, int, _Waiter]] = []
+        #: Waiters in `_waiting` that left (cancelled); swept out once they are half of it, so a
+        #: stream of hung-up misses while KMS hangs cannot grow it past twice the live waiters.
+        self._left = 0
 
     @property
     def waiting(self) -> int:
         """Calls waiting for a slot now."""
-        return sum(1 for _, _, waiter in self._waiting if not waiter.left)
+        return len(self._waiting) - self._left
 
     async def acquire(self, rank: int = ORDINARY) -> None:
         """Takes a slot, waiting behind lower ranks and earlier waiters of the same rank.
@@ -70,6 +73,11 @@ class Slots:
                 self.release()
             else:
                 waiter.left = True
+                self._left += 1
+                if self._left * 2 > len(self._waiting):
+                    self._waiting = [item for item in self._waiting if not item[2].left]
+                    heapq.heapify(self._waiting)
+                    self._left = 0
             raise
 
     def release(self) -> None:
@@ -77,6 +85,7 @@ class Slots:
         while self._waiting:
             _, _, waiter = heapq.heappop(self._waiting)
             if waiter.left:
+                self._left -= 1
                 continue
             waiter.handed = True
             waiter.wake.set()
