@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -72,17 +73,19 @@ def names(count: int) -> list[str]:
     return ["bench/4k", *(f"bench/{i:04d}" for i in range(count))]
 
 
-def serve_emulator(count: int) -> None:
-    """`emulator N`: KMS with bench/4k and N more 4 KB secrets, until SIGTERM; prints endpoint and key."""
+def serve_kms(secrets: Iterable[tuple[str, str]], access_key_id: str, secret: str, latency: float = 0.0) -> None:
+    """The benches' `emulator` command: KMS with `secrets` (each call answered after `latency`
+    seconds), until SIGTERM; prints its endpoint and AccessKey."""
     import trio
 
-    from kmsagent.emulator import KmsEmulator
+    from kmsagent.emulator import Fault, KmsEmulator
 
     emulator = KmsEmulator()
-    for name in names(count):
-        emulator.put_secret(name, SECRET_4K)
-    access_key_id, secret = "LTAIbenchfootprint", "bench-footprint-secret"
+    for name, value in secrets:
+        emulator.put_secret(name, value)
     emulator.add_credentials(access_key_id, secret)
+    if latency > 0:
+        emulator.inject(Fault(delay=latency))
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -94,6 +97,11 @@ def serve_emulator(count: int) -> None:
                     break
 
     trio.run(main)
+
+
+def serve_emulator(count: int) -> None:
+    """`emulator N`: KMS with bench/4k and N more 4 KB secrets."""
+    serve_kms(((name, SECRET_4K) for name in names(count)), "LTAIbenchfootprint", "bench-footprint-secret")
 
 
 def free_port() -> int:
@@ -137,15 +145,18 @@ def get_all(port: int, paths: list[str], timeout: float = 5.0) -> list[int]:
 
 
 class Agent:
-    """One `python -m kmsagent` process with a config of its own."""
+    """One `python -m kmsagent` process with a config of its own: `cache` and `kms` are the keys of
+    those sections (the footprint's by default)."""
 
-    def __init__(self, folder: Path, endpoint: str, env: dict[str, str], prefetch: list[str]) -> None:
+    def __init__(
+        self, folder: Path, endpoint: str, env: dict[str, str], prefetch: list[str], *, cache: str = "", kms: str = ""
+    ) -> None:
         self.port = free_port()
         config = folder / f"agent-{self.port}.toml"
         config.write_text(
             f"[Server]\nHttpPort = {self.port}\n"
-            f"[Cache]\nCacheSize = {SECRETS}\nPrefetch = {json.dumps(prefetch)}\n"
-            f'[KMS]\nEndpoint = "{endpoint}"\nProtocol = "http"\n'
+            f"[Cache]\n{cache or f'CacheSize = {SECRETS}'}\nPrefetch = {json.dumps(prefetch)}\n"
+            f'[KMS]\nEndpoint = "{endpoint}"\nProtocol = "http"\n{kms}\n'
             f'[Credentials]\nType = "access_key"\n'
             f'[Log]\nLevel = "info"\nPath = "{folder}/logs-{self.port}"\n'
         )

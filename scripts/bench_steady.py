@@ -26,8 +26,6 @@ import json
 import math
 import os
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench_footprint as footprint
 import trio
+from bench_footprint import load, serve_kms
 
 TTL = 10
 SLOTS = 8
@@ -63,37 +63,9 @@ def wave_names() -> list[str]:
 
 def serve_emulator(count: int, latency: float) -> None:
     """`emulator N LATENCY`: KMS with the hot secret and N others, each call answered after
-    LATENCY seconds, until SIGTERM; prints its endpoint and AccessKey."""
-    from kmsagent.emulator import Fault, KmsEmulator
-
-    emulator = KmsEmulator()
-    for name in [HOT, *wave_names()[:count]]:
-        emulator.put_secret(name, VALUE)
-    access_key_id, secret = "LTAIbenchsteady", "bench-steady-secret"
-    emulator.add_credentials(access_key_id, secret)
-    if latency > 0:
-        emulator.inject(Fault(delay=latency))
-
-    async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(emulator.serve)
-                print(emulator.endpoint, access_key_id, secret, flush=True)
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
-
-    trio.run(main)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    LATENCY seconds."""
+    secrets = ((name, VALUE) for name in [HOT, *wave_names()[:count]])
+    serve_kms(secrets, "LTAIbenchsteady", "bench-steady-secret", latency)
 
 
 # --- a minimal HTTP/1.1 client: the agent's answers have a Content-Length --------------------------
@@ -287,23 +259,17 @@ async def measure_run(port: int, wave: bool, seconds: float) -> Run:
     return run
 
 
-class Agent:
+class Agent(footprint.Agent):
     """One `python -m kmsagent` process with the bench's config."""
 
     def __init__(self, folder: Path, endpoint: str, env: dict[str, str], prefetch: list[str]) -> None:
-        self.port = free_port()
-        config = folder / f"agent-{self.port}.toml"
-        config.write_text(
-            f"[Server]\nHttpPort = {self.port}\n"
-            f"[Cache]\nCacheSize = {OTHERS + 1}\nTtlSeconds = {TTL}\nPrefetch = {json.dumps(prefetch)}\n"
-            f'[KMS]\nEndpoint = "{endpoint}"\nProtocol = "http"\nMaxConcurrentRequests = {SLOTS}\n'
-            f"BatchRefresh = {str(BATCH_REFRESH).lower()}\n"
-            f'[Credentials]\nType = "access_key"\n'
-            f'[Log]\nLevel = "info"\nPath = "{folder}/logs-{self.port}"\n'
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kmsagent", "--config", str(config)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        super().__init__(
+            folder,
+            endpoint,
+            env,
+            prefetch,
+            cache=f"CacheSize = {OTHERS + 1}\nTtlSeconds = {TTL}",
+            kms=f"MaxConcurrentRequests = {SLOTS}\nBatchRefresh = {str(BATCH_REFRESH).lower()}",
         )
 
     async def ready(self, seconds: float = 120.0) -> None:
@@ -325,9 +291,6 @@ class Agent:
                 return
         raise SystemExit(f"the agent did not answer /ping within {seconds} s")
 
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def measure_wave(runs: int = RUNS, seconds: float = SECONDS, latency: float = LATENCY) -> list[Run]:
