@@ -39,7 +39,12 @@ KEEP_ALIVE_TIMEOUT = 5.0
 GRACEFUL_TIMEOUT = 3.0
 #: How long a refused connection may take to receive its 429 and close.
 REFUSAL_LINGER = 1.0
-#: Refusals in progress at once; beyond it a connection is closed without a word.
+#: How long a connection accepted at MaxConn waits for a slot before it is only in the /ping
+#: reserve or refused: a client that closed a connection and opened another at once is not over
+#: the cap, though its new connection may be accepted before the old one's end is read.
+ADMISSION_WAIT = 0.2
+#: Connections beyond MaxConn waiting for a slot or being refused, at once; beyond it a
+#: connection gets the /ping reserve at once, or is closed without a word.
 MAX_REFUSING = 64
 #: Descriptors besides connections: the KMS client's pool (MaxConcurrentRequests, at most 100),
 #: STS and metadata clients, log files, listeners, trio's wake-up pipe, stdio. The agent holds
@@ -234,6 +239,14 @@ class ConnectionSlots:
     def __init__(self, max_conn: int) -> None:
         self.max_conn = max_conn
         self.open = 0
+        self._released = trio.lowlevel.ParkingLot()
+
+    def take(self) -> bool:
+        """Takes a slot within MaxConn if one is free."""
+        if self.open >= self.max_conn:
+            return False
+        self.open += 1
+        return True
 
     def admit(self) -> bool | None:
         """Takes a slot: False within MaxConn, True in the ping reserve, None when full."""
@@ -242,8 +255,17 @@ class ConnectionSlots:
         self.open += 1
         return self.open > self.max_conn
 
+    async def wait_within(self, seconds: float) -> bool | None:
+        """`admit`, once a slot within MaxConn is free or `seconds` have passed."""
+        with trio.move_on_after(seconds):
+            while not self.take():
+                await self._released.park()
+            return False
+        return self.admit()
+
     def release(self) -> None:
         self.open -= 1
+        self._released.unpark()
 
 
 class HttpServer:
@@ -363,21 +385,30 @@ class HttpServer:
                 self._admit(trio.SocketStream(trio.socket.from_stdlib_socket(client)), connections)
 
     def _admit(self, stream: trio.SocketStream, connections: trio.Nursery) -> None:
-        over_limit = self.slots.admit()
-        if over_limit is None:
-            if self._refusing < MAX_REFUSING:
-                connections.start_soon(self._refuse, stream)
-            else:
-                stream.socket.close()
-        else:
+        if self.slots.take():
+            connections.start_soon(self._serve_connection, stream, False)
+        elif self._refusing < MAX_REFUSING:
+            self._refusing += 1
+            connections.start_soon(self._admit_beyond, stream)
+        elif (over_limit := self.slots.admit()) is not None:
             connections.start_soon(self._serve_connection, stream, over_limit)
+        else:
+            stream.socket.close()
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
-        self._refusing += 1
+    async def _admit_beyond(self, stream: trio.SocketStream) -> None:
+        """A connection accepted at MaxConn: served if a slot frees within ADMISSION_WAIT, else
+        in the /ping reserve, else refused (429, then closed)."""
         try:
-            await _refuse(stream, self._refusal)
+            over_limit = await self.slots.wait_within(ADMISSION_WAIT)
+            if over_limit is None:
+                await _refuse(stream, self._refusal)
+                return
+        except BaseException:  # cancelled by shutdown while it waited
+            await trio.aclose_forcefully(stream)
+            raise
         finally:
             self._refusing -= 1
+        await self._serve_connection(stream, over_limit)
 
     async def _serve_connection(self, stream: trio.SocketStream, over_limit: bool) -> None:
         app = self._over_limit_app if over_limit else self._app
