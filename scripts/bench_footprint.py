@@ -9,11 +9,15 @@ at most 1 MB of secrets, and 1000 × 4 KB is 4 MB), so the RSS measured is the a
   client polling every 5 ms, the median of `STARTS`, with the agent's CPU time by then (on a
   shared machine the wall time moves with the load; the CPU time much less, the RSS not at all);
 - miss CPU: the agent's CPU time (utime + stime in /proc/<pid>/stat) over `MISSES` sequential
-  reads of distinct secrets, each a cache miss and one GetSecretValue call, divided by `MISSES`.
+  reads of distinct secrets, each a cache miss and one GetSecretValue call, divided by `MISSES`;
+  then the same reads again, all hits: the hit CPU.
 With BENCH_BASELINE=<git ref> (scripts/bench: `main`), the same for that ref's `src` in the same
 run, on PYTHONPATH. Next to them, in fresh interpreters: bare Python and the libraries alone (what
-any agent on this stack loads). Prints a Markdown section with the load average (scripts/bench
-appends it to docs/benchmarks.md).
+any agent on this stack loads), and the floor under two targets: the design's libraries that the
+agent imports before it can answer (`FLOOR_RUNS` fresh interpreters, median and fastest), and one
+GetSecretValue through the agent's KMS client alone (no cache, no HTTP server; its CPU per call
+over `MISSES` calls in a process of its own): a miss costs at least a hit plus that call. Prints a
+Markdown section with the load average (scripts/bench appends it to docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ LIBRARIES = [
     "prometheus_client",
     "alibabacloud_kms20160120.models",
 ]
+#: The design's libraries (the card) that the agent imports before its first answer.
+AGENT_LIBRARIES = ["trio", "hypercorn.trio", "quart_trio", "loguru", "prometheus_client"]
+#: Fresh interpreters importing AGENT_LIBRARIES: their median is the floor of the start's.
+FLOOR_RUNS = 10
 #: Distinct secrets read once each (one keep-alive connection, one at a time) for the miss CPU.
 MISSES = 600
 TARGETS = {"idle": 58.0, "loaded": 65.0, "start": 0.5, "miss": 1.3}
@@ -95,6 +103,33 @@ def serve_kms(secrets: Iterable[tuple[str, str]], access_key_id: str, secret: st
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
+
+    trio.run(main)
+
+
+def kms_call_cpu(endpoint: str, access_key_id: str, secret: str) -> None:
+    """`kmscall ENDPOINT AK SECRET`: prints the CPU seconds of one GetSecretValue through the
+    agent's KMS client alone, over `MISSES` calls of distinct secrets (after one to connect)."""
+    import resource
+
+    import trio
+
+    from kmsagent.config import KmsConfig
+    from kmsagent.credentials import Credentials, StaticCredentials
+    from kmsagent.kms import KmsClient
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    async def main() -> None:
+        config = KmsConfig(endpoint=endpoint, protocol="http")
+        async with KmsClient.open(config, StaticCredentials(Credentials(access_key_id, secret), "bench")) as kms:
+            await kms.get_secret_value("bench/4k")
+            used = cpu()
+            for name in names(MISSES)[1:]:
+                await kms.get_secret_value(name)
+            print((cpu() - used) / MISSES)
 
     trio.run(main)
 
@@ -206,13 +241,25 @@ def interpreter(imports: list[str], pythonpath: str | None = None) -> tuple[floa
     )
 
 
+def import_times(imports: list[str]) -> tuple[float, float]:
+    """The least and the median wall time of `FLOOR_RUNS` fresh interpreters importing `imports`."""
+    probe = PROBE.format(imports="\n".join(f"import {name}" for name in imports))
+    runs = [
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(FLOOR_RUNS)
+    ]
+    walls = [float(run[1]) for run in runs]
+    return min(walls), statistics.median(walls)
+
+
 @dataclass
 class Footprint:
     idle: float
     loaded: float
     starts: list[tuple[float, float]]
-    #: The agent's CPU seconds per miss.
+    #: The agent's CPU seconds per miss, and per hit.
     miss: float
+    hit: float
     imported: tuple[float, float, float]
 
     @property
@@ -252,6 +299,10 @@ def measure(folder: Path, endpoint: str, env: dict[str, str]) -> Footprint:
         statuses = get_all(agent.port, [ROUTE + name for name in names(MISSES)[1:]])
         miss = (cpu_seconds(agent.process.pid) - before) / MISSES
         assert statuses == [200] * MISSES, statuses
+        before = cpu_seconds(agent.process.pid)
+        statuses = get_all(agent.port, [ROUTE + name for name in names(MISSES)[1:]])
+        hit = (cpu_seconds(agent.process.pid) - before) / MISSES
+        assert statuses == [200] * MISSES, statuses
     finally:
         agent.stop()
     starts: list[tuple[float, float]] = []
@@ -261,7 +312,7 @@ def measure(folder: Path, endpoint: str, env: dict[str, str]) -> Footprint:
             starts.append(agent.first_200(ROUTE + "bench/4k"))
         finally:
             agent.stop()
-    return Footprint(idle, loaded, starts, miss, interpreter(["kmsagent.cli"], env.get("PYTHONPATH")))
+    return Footprint(idle, loaded, starts, miss, hit, interpreter(["kmsagent.cli"], env.get("PYTHONPATH")))
 
 
 def baseline_source(folder: Path, ref: str) -> str | None:
@@ -293,6 +344,12 @@ def main() -> None:
                 "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret,
             }
             rows["this tree"] = measure(folder, endpoint, env)
+            kms_call = float(
+                subprocess.run(
+                    [sys.executable, __file__, "kmscall", endpoint, access_key_id, secret],
+                    capture_output=True, text=True, env=env, check=True,
+                ).stdout
+            )
             baseline = os.environ.get("BENCH_BASELINE", "")
             source = baseline_source(folder, baseline) if baseline else None
             if source:
@@ -302,7 +359,8 @@ def main() -> None:
             emulator.wait(10)
     bare = interpreter([])
     libraries = interpreter(LIBRARIES)
-    report(rows, bare, libraries, load_before, load())
+    floor = import_times(AGENT_LIBRARIES)
+    report(rows, bare, libraries, load_before, load(), floor, kms_call)
 
 
 def report(
@@ -311,6 +369,8 @@ def report(
     libraries: tuple[float, float, float],
     load_before: str,
     load_after: str,
+    floor: tuple[float, float],
+    kms_call: float,
 ) -> None:
     def met(ok: bool) -> str:
         return "yes" if ok else "**no**"
@@ -353,6 +413,19 @@ def report(
     )
     blank = " | " * (len(rows) - 1)
     print(
+        f"| (floor of the start) importing {', '.join(AGENT_LIBRARIES)} alone: median of {FLOOR_RUNS} "
+        f"(fastest) | | {floor[1]:.2f} s ({floor[0]:.2f} s){blank} | |"
+    )
+    print(
+        f"| (floor of a miss) a hit: the same {MISSES} secrets read again, the agent's CPU per read | | "
+        + " | ".join(f"{r.hit * 1000:.2f} ms" for r in rows.values())
+        + " | |"
+    )
+    print(
+        f"| (floor of a miss) one GetSecretValue through the KMS client alone, CPU per call | | "
+        f"{kms_call * 1000:.2f} ms{blank} | |"
+    )
+    print(
         "| `import kmsagent.cli` | | "
         + " | ".join(
             f"{r.imported[0]:.1f} MB; {r.imported[1]:.2f} s (CPU {r.imported[2]:.2f} s)" for r in rows.values()
@@ -369,5 +442,7 @@ def report(
 if __name__ == "__main__":
     if sys.argv[1:2] == ["emulator"]:
         serve_emulator(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["kmscall"]:
+        kms_call_cpu(*sys.argv[2:5])
     else:
         main()
