@@ -153,6 +153,26 @@ async def test_a_connection_opened_as_another_closes_at_max_conn_gets_its_slot(s
             await stream.aclose()
 
 
+async def test_a_connection_waiting_for_a_slot_at_shutdown_is_closed_unanswered(start_agent: StartAgent) -> None:
+    """The agent stops accepting at shutdown; one accepted at MaxConn just before, still waiting
+    for a slot, is not served when shutdown frees the slots: it is closed like one never accepted."""
+    agent = await start_agent(server={"max_conn": 1})
+    async with held_connections(agent.port, 1):
+        stream = await trio.open_tcp_stream("127.0.0.1", agent.port)
+        await stream.send_all(http_request(SECRET_PATH))
+        await trio.testing.wait_all_tasks_blocked()  # it waits for the held connection's slot
+        agent.stop.set()  # the held connection is idle: it closes at once, and its slot frees
+        received = b""
+        with trio.fail_after(5):
+            try:
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+            except trio.BrokenResourceError:  # reset: the agent closed it with the request unread
+                pass
+        assert received == b""
+        await stream.aclose()
+
+
 async def test_connections_within_the_cap_are_all_served(start_agent: StartAgent) -> None:
     agent = await start_agent(server={"max_conn": 5})
     async with held_connections(agent.port, 4) as clients:

@@ -397,9 +397,14 @@ class HttpServer:
 
     async def _admit_beyond(self, stream: trio.SocketStream) -> None:
         """A connection accepted at MaxConn: served if a slot frees within ADMISSION_WAIT, else
-        in the /ping reserve, else refused (429, then closed)."""
+        in the /ping reserve, else refused (429, then closed). At shutdown, which frees slots,
+        it is closed unanswered, like a connection the closed listener no longer accepts."""
         try:
             over_limit = await self.slots.wait_within(ADMISSION_WAIT)
+            if over_limit is not None and self._context.terminated.is_set():
+                self.slots.release()
+                await trio.aclose_forcefully(stream)
+                return
             if over_limit is None:
                 await _refuse(stream, self._refusal)
                 return
