@@ -258,29 +258,15 @@ class KmsClient:
         limit: int,
         queued: Queued,
     ) -> T:
-        """One signed call, once a slot is free; its outcome and duration go to `observe`, the
-        wait for the slot to `observe_wait` (the metrics)."""
+        """One signed call, once a slot is free; the wait for the slot goes to `observe_wait`,
+        the call's outcome and duration from the moment it had the slot to `observe` (the metrics)."""
         with queued() as rank:
             waited = trio.current_time()
             await self._in_flight.acquire(rank if isinstance(rank, int) else ORDINARY)
-        try:
-            self._observe_wait(trio.current_time() - waited)
-            return await self._observed(host, action, query, credentials, parse, limit)
-        finally:
-            self._in_flight.release()
-
-    async def _observed(
-        self,
-        host: str,
-        action: str,
-        query: dict[str, str],
-        credentials: Credentials,
-        parse: Callable[[bytearray], T],
-        limit: int,
-    ) -> T:
         started = trio.current_time()
         outcome: str | None = None  # stays None when cancelled: not an outcome of KMS's
         try:
+            self._observe_wait(started - waited)
             result = await self._send(host, action, query, credentials, parse, limit)
             outcome = "success"
             return result
@@ -297,6 +283,7 @@ class KmsClient:
             outcome = "unreachable"
             raise
         finally:
+            self._in_flight.release()
             if outcome is not None:
                 self._observe(host, action, outcome, trio.current_time() - started)
 
