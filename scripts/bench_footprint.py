@@ -33,7 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -137,6 +138,42 @@ def kms_call_cpu(endpoint: str, access_key_id: str, secret: str) -> None:
 def serve_emulator(count: int) -> None:
     """`emulator N`: KMS with bench/4k and N more 4 KB secrets."""
     serve_kms(((name, SECRET_4K) for name in names(count)), "LTAIbenchfootprint", "bench-footprint-secret")
+
+
+@dataclass
+class Emulator:
+    """A bench's KMS emulator process: its endpoint and AccessKey, and the agents' environment."""
+
+    folder: Path
+    endpoint: str
+    access_key_id: str
+    secret: str
+    env: dict[str, str]
+
+
+@contextmanager
+def run_emulator(script: str, args: list[str], token: str) -> Iterator[Emulator]:
+    """A temporary folder, and `script emulator ARGS` (a bench's emulator command) in another
+    process until the block ends. `env` is for the agents: the AccessKey, `token` in KMS_TOKEN,
+    HOME in the folder, and this process's PYTHONPATH when set."""
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        process = subprocess.Popen([sys.executable, script, "emulator", *args], stdout=subprocess.PIPE, text=True)
+        try:
+            assert process.stdout is not None
+            endpoint, access_key_id, secret = process.stdout.readline().split()
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "HOME": str(folder),
+                "KMS_TOKEN": token,
+                "ALIBABA_CLOUD_ACCESS_KEY_ID": access_key_id,
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret,
+                **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
+            }
+            yield Emulator(folder, endpoint, access_key_id, secret, env)
+        finally:
+            process.terminate()
+            process.wait(10)
 
 
 def free_port() -> int:
@@ -328,35 +365,18 @@ def baseline_source(folder: Path, ref: str) -> str | None:
 def main() -> None:
     load_before = load()
     rows: dict[str, Footprint] = {}
-    with tempfile.TemporaryDirectory() as name:
-        folder = Path(name)
-        emulator = subprocess.Popen(
-            [sys.executable, __file__, "emulator", str(SECRETS)], stdout=subprocess.PIPE, text=True
+    with run_emulator(__file__, [str(SECRETS)], TOKEN) as kms:
+        rows["this tree"] = measure(kms.folder, kms.endpoint, kms.env)
+        kms_call = float(
+            subprocess.run(
+                [sys.executable, __file__, "kmscall", kms.endpoint, kms.access_key_id, kms.secret],
+                capture_output=True, text=True, env=kms.env, check=True,
+            ).stdout
         )
-        try:
-            assert emulator.stdout is not None
-            endpoint, access_key_id, secret = emulator.stdout.readline().split()
-            env = {
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "HOME": str(folder),
-                "KMS_TOKEN": TOKEN,
-                "ALIBABA_CLOUD_ACCESS_KEY_ID": access_key_id,
-                "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret,
-            }
-            rows["this tree"] = measure(folder, endpoint, env)
-            kms_call = float(
-                subprocess.run(
-                    [sys.executable, __file__, "kmscall", endpoint, access_key_id, secret],
-                    capture_output=True, text=True, env=env, check=True,
-                ).stdout
-            )
-            baseline = os.environ.get("BENCH_BASELINE", "")
-            source = baseline_source(folder, baseline) if baseline else None
-            if source:
-                rows[f"`{baseline}`"] = measure(folder, endpoint, {**env, "PYTHONPATH": source})
-        finally:
-            emulator.terminate()
-            emulator.wait(10)
+        baseline = os.environ.get("BENCH_BASELINE", "")
+        source = baseline_source(kms.folder, baseline) if baseline else None
+        if source:
+            rows[f"`{baseline}`"] = measure(kms.folder, kms.endpoint, {**kms.env, "PYTHONPATH": source})
     bare = interpreter([])
     libraries = interpreter(LIBRARIES)
     floor = import_times(AGENT_LIBRARIES)

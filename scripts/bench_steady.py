@@ -27,9 +27,7 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,38 +295,20 @@ def measure_wave(runs: int = RUNS, seconds: float = SECONDS, latency: float = LA
     """`runs` runs without and `runs` with the wave, alternating (without first), against one
     emulator process; returns them in the order they ran."""
     results: list[Run] = []
-    with tempfile.TemporaryDirectory() as name:
-        folder = Path(name)
-        emulator = subprocess.Popen(
-            [sys.executable, __file__, "emulator", str(OTHERS), str(latency)], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert emulator.stdout is not None
-            endpoint, access_key_id, secret = emulator.stdout.readline().split()
-            env = {
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "HOME": str(folder),
-                "KMS_TOKEN": TOKEN,
-                "ALIBABA_CLOUD_ACCESS_KEY_ID": access_key_id,
-                "ALIBABA_CLOUD_ACCESS_KEY_SECRET": secret,
-                **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
-            }
-            for _ in range(runs):
-                for wave in (False, True):
-                    agent = Agent(folder, endpoint, env, [HOT, *wave_names()] if wave else [HOT])
-                    try:
+    with footprint.run_emulator(__file__, [str(OTHERS), str(latency)], TOKEN) as kms:
+        for _ in range(runs):
+            for wave in (False, True):
+                agent = Agent(kms.folder, kms.endpoint, kms.env, [HOT, *wave_names()] if wave else [HOT])
+                try:
 
-                        async def one(agent: Agent = agent, wave: bool = wave) -> Run:
-                            await agent.ready()
-                            return await measure_run(agent.port, wave, seconds)
+                    async def one(agent: Agent = agent, wave: bool = wave) -> Run:
+                        await agent.ready()
+                        return await measure_run(agent.port, wave, seconds)
 
-                        results.append(trio.run(one))
-                    finally:
-                        agent.stop()
-                    print(f"  {'with' if wave else 'without'} the wave: {summary(results[-1])}", file=sys.stderr)
-        finally:
-            emulator.terminate()
-            emulator.wait(10)
+                    results.append(trio.run(one))
+                finally:
+                    agent.stop()
+                print(f"  {'with' if wave else 'without'} the wave: {summary(results[-1])}", file=sys.stderr)
     return results
 
 
