@@ -24,6 +24,10 @@ from kmsagent.token import TokenSource
 
 AK_ID = "LTAItestAccessKeyId01"
 AK_SECRET = "test-AccessKeySecret-Zq9x7Vw3"
+#: The members of a Vault KV v1 read's body (ResponseType 2), as hvac and Vault clients read it.
+VAULT_BODY_KEYS = frozenset(
+    {"request_id", "lease_id", "renewable", "lease_duration", "data", "wrap_info", "warnings", "auth"}
+)
 TOKEN = "test-ssrf-token-Kp4m2Lr8"
 SECRETS = {
     "db/password": "value-of-db-password-Hn5t",

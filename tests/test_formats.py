@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import StartAgent
+from conftest import VAULT_BODY_KEYS, StartAgent
 from kmsagent import redact
 from kmsagent.emulator import KmsEmulator
 from kmsagent.formats import AwsFormat, KmsFormat, VaultFormat, is_json_object
@@ -119,16 +119,7 @@ def test_vault_request_id_is_fresh_and_lease_follows_the_ttl_in_force() -> None:
     assert first["lease_duration"] == "300"
     ttl[0] = 60
     assert strict_json(vault.finish(rendered))["lease_duration"] == "60"
-    assert set(first) == {
-        "request_id",
-        "lease_id",
-        "renewable",
-        "lease_duration",
-        "data",
-        "wrap_info",
-        "warnings",
-        "auth",
-    }
+    assert set(first) == VAULT_BODY_KEYS
 
 
 # --- through the agent: KMS's JSON answer, the cache, a miss and a hit -----------------------------

@@ -16,7 +16,17 @@ import trio.testing
 from loguru import logger
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import AK_ID, AK_SECRET, SECRET_MATERIAL, SECRETS, TOKEN, StartAgent, agent_config, eventually
+from conftest import (
+    AK_ID,
+    AK_SECRET,
+    SECRET_MATERIAL,
+    SECRETS,
+    TOKEN,
+    VAULT_BODY_KEYS,
+    StartAgent,
+    agent_config,
+    eventually,
+)
 from kmsagent import redact
 from kmsagent.cache import SecretCache
 from kmsagent.checks import SecretQuery
@@ -56,16 +66,7 @@ async def test_aws_shape_reads_like_the_aws_agent(start_agent: StartAgent, emula
 async def test_vault_shape_reads_like_hvac(start_agent: StartAgent) -> None:
     agent = await start_agent(server={"response_type": 2}, cache={"ttl_seconds": 120})
     body = (await agent.get("/v1/app/config")).json()
-    assert set(body) == {
-        "request_id",
-        "lease_id",
-        "renewable",
-        "lease_duration",
-        "data",
-        "wrap_info",
-        "warnings",
-        "auth",
-    }
+    assert set(body) == VAULT_BODY_KEYS
     assert (body["lease_id"], body["renewable"], body["lease_duration"]) == ("", False, 120)
     assert (body["wrap_info"], body["warnings"], body["auth"]) == (None, None, None)
     # hvac's read_secret returns this dict: callers take response["data"]["pass"].
